@@ -1,0 +1,94 @@
+"""Output heads: split language-model head (per-token NLL) and classification head."""
+
+import torch
+from torch import nn
+
+from d9d.module.block.embedding import check_token_range
+
+IGNORE_INDEX = -100
+
+
+class SplitLanguageModellingHead(nn.Module):
+    """One bias-free linear per vocabulary split; returns the per-token NLL.
+
+    Args:
+        split_vocab_size: Size of each named split.
+        split_order: Order of the splits in the global id space.
+        hidden_size: Input width.
+    """
+
+    def __init__(self, split_vocab_size: dict[str, int], split_order: list[str], hidden_size: int):
+        super().__init__()
+        self.split_order = list(split_order)
+        self.vocab_size = sum(split_vocab_size[name] for name in self.split_order)
+        self.lm_head = nn.ModuleDict(
+            {
+                name: nn.Linear(hidden_size, split_vocab_size[name], bias=False)
+                for name in self.split_order
+            }
+        )
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Returns the concatenated logits ``(..., V)`` in the input dtype."""
+        parts = [self.lm_head[name](hidden_states) for name in self.split_order]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Computes ``logsumexp(logits) - logits[label]`` in fp32, shape ``(B, S)``.
+
+        Positions whose label is ``-100`` hold exactly ``0.0``.
+        """
+        if labels.shape != hidden_states.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match hidden states "
+                f"{tuple(hidden_states.shape[:-1])}"
+            )
+        check_token_range(labels, self.vocab_size, "labels", ignore_index=IGNORE_INDEX)
+        logits = self.logits(hidden_states).float()
+        ignored = labels == IGNORE_INDEX
+        safe_labels = labels.masked_fill(ignored, 0)
+        picked = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+        nll = torch.logsumexp(logits, dim=-1) - picked
+        return nll.masked_fill(ignored, 0.0)
+
+    def reset_parameters(self) -> None:
+        """Re-initialises every split with ``nn.Linear`` defaults."""
+        for lin in self.lm_head.values():
+            lin.reset_parameters()
+
+
+class ClassificationHead(nn.Module):
+    """Dropout then a bias-free ``score`` linear, optionally reading only pooled tokens.
+
+    Args:
+        hidden_size: Input width.
+        num_labels: Number of classes.
+        dropout: Dropout probability before the linear.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(hidden_size, num_labels, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, pooling_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Returns fp32 scores.
+
+        With ``pooling_mask`` ``(B, S)``, the rows where it is 1 are gathered in
+        (batch, seq) order, giving ``(N_selected, num_labels)``; without it every token is
+        scored, giving ``(B, S, num_labels)``.
+        """
+        if pooling_mask is not None:
+            if pooling_mask.shape != hidden_states.shape[:-1]:
+                raise ValueError(
+                    f"pooling_mask shape {tuple(pooling_mask.shape)} does not match hidden "
+                    f"states {tuple(hidden_states.shape[:-1])}"
+                )
+            hidden_states = hidden_states[pooling_mask.bool()]
+        return self.score(self.dropout(hidden_states)).float()
+
+    def reset_parameters(self) -> None:
+        """Re-initialises the score linear with ``nn.Linear`` defaults."""
+        self.score.reset_parameters()

@@ -1,0 +1,80 @@
+"""Snapshots of intermediate hidden states, aggregated per sequence."""
+
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+
+
+class HiddenStatesAggregationMode(StrEnum):
+    """How intermediate hidden states are snapshotted.
+
+    Attributes:
+        no: No snapshot; ``"hidden_states_snapshot"`` is ``None``.
+        mean: Masked mean over the sequence of the embedding output and every layer output.
+    """
+
+    no = "no"
+    mean = "mean"
+
+
+class HiddenStatesAggregator(Protocol):
+    """Collects hidden states of one stage and appends them to the incoming snapshot."""
+
+    def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        """Records one ``(B, S, hidden)`` tensor."""
+        ...
+
+    def pack_with_snapshot(self, snapshot: torch.Tensor | None) -> torch.Tensor | None:
+        """Returns ``cat([snapshot, stack(recorded)], 0)`` (or ``None`` in mode ``no``)."""
+        ...
+
+
+class _NoAggregator:
+    def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        pass
+
+    def pack_with_snapshot(self, snapshot: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+
+class _MeanAggregator:
+    def __init__(self, agg_mask: torch.Tensor):
+        mask = agg_mask.float()
+        # (B, S, 1) weights that sum to one over the sequence of each row.
+        self._weights = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(-1)
+        self._collected: list[torch.Tensor] = []
+
+    def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        pooled = (hidden_states.float() * self._weights).sum(dim=1)
+        self._collected.append(pooled.to(hidden_states.dtype))
+
+    def pack_with_snapshot(self, snapshot: torch.Tensor | None) -> torch.Tensor | None:
+        new = torch.stack(self._collected, dim=0)
+        return new if snapshot is None else torch.cat([snapshot, new], dim=0)
+
+
+def create_hidden_states_aggregator(
+    mode: HiddenStatesAggregationMode, agg_mask: torch.Tensor | None
+) -> HiddenStatesAggregator:
+    """Builds the aggregator for ``mode``.
+
+    Args:
+        mode: The snapshot mode.
+        agg_mask: ``(B, S)`` mask of tokens to average over; required for ``mean``.
+
+    Raises:
+        ValueError: If ``mode`` is ``mean`` and ``agg_mask`` is missing.
+    """
+    mode = HiddenStatesAggregationMode(mode)
+    if mode is HiddenStatesAggregationMode.no:
+        return _NoAggregator()
+    if agg_mask is None:
+        raise ValueError(
+            "hidden_states_agg_mask is required when hidden_states_snapshot_mode='mean'"
+        )
+    if agg_mask.dim() != 2:
+        raise ValueError(
+            f"hidden_states_agg_mask must be (batch, seq), got shape {tuple(agg_mask.shape)}"
+        )
+    return _MeanAggregator(agg_mask)

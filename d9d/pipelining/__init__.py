@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stage description, layer split and schedule helpers."""
