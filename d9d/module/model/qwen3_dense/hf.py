@@ -4,6 +4,11 @@ HF keeps one embedding matrix and one LM head; d9d keeps one tensor per vocabula
 Splits are rows of the HF matrices, contiguous in ``split_vocab_order``. Every other name
 is identical (``model.layers.<i>...``, ``model.norm.weight``); the classification head is
 ``cls_head.score.weight`` here and ``score.weight`` in HF.
+
+Whole-dict conversion (:func:`state_dict_from_hf`, :func:`state_dict_to_hf`) suits small
+models in memory; :func:`hf_source_of` and :func:`hf_tensor_parts` map one name at a time
+for the streaming reader and writer in ``hf_io.py``. ``hf_config.py`` converts
+``config.json``.
 """
 
 import torch
@@ -74,4 +79,81 @@ def state_dict_to_hf(
     for parts, hf_key in ((embed, _HF_EMBED), (head, _HF_LM_HEAD)):
         if parts:
             out[hf_key] = torch.cat([parts[name] for name in params.split_vocab_order], dim=0)
+    return out
+
+
+HF_EMBED_KEY = _HF_EMBED
+HF_LM_HEAD_KEY = _HF_LM_HEAD
+HF_SCORE_KEY = _HF_SCORE
+
+_D9D_EMBED_PREFIX = "model.embed_tokens.token_embedding."
+_D9D_LM_HEAD_PREFIX = "lm_head.lm_head."
+
+
+def _split_row_ranges(params: Qwen3DenseParameters) -> dict[str, tuple[int, int]]:
+    ranges = {}
+    offset = 0
+    for name in params.split_vocab_order:
+        size = params.split_vocab_size[name]
+        ranges[name] = (offset, offset + size)
+        offset += size
+    return ranges
+
+
+def hf_source_of(
+    key: str, params: Qwen3DenseParameters, head_from_embedding: bool = False
+) -> tuple[str, tuple[int, int] | None]:
+    """Where one d9d state-dict entry lives in an HF checkpoint.
+
+    Args:
+        key: A d9d state-dict name (SPEC names, no wrapper prefixes).
+        params: The backbone parameters (for the vocabulary splits).
+        head_from_embedding: Read the LM head splits from ``model.embed_tokens.weight``
+            (an HF checkpoint saved with ``tie_word_embeddings: true`` has no
+            ``lm_head.weight``).
+
+    Returns:
+        ``(hf_name, rows)`` where ``rows`` is the ``[start, end)`` row range of the HF
+        tensor that holds this vocabulary split, or ``None`` for the whole tensor.
+
+    Raises:
+        ValueError: If ``key`` names a vocabulary split that ``params`` does not have.
+    """
+    for prefix, hf_key in ((_D9D_EMBED_PREFIX, _HF_EMBED), (_D9D_LM_HEAD_PREFIX, _HF_LM_HEAD)):
+        if key.startswith(prefix) and key.endswith(".weight"):
+            split = key[len(prefix) : -len(".weight")]
+            ranges = _split_row_ranges(params)
+            if split not in ranges:
+                raise ValueError(
+                    f"{key!r} names vocabulary split {split!r}, which is not in "
+                    f"split_vocab_order {params.split_vocab_order}"
+                )
+            if hf_key == _HF_LM_HEAD and head_from_embedding:
+                hf_key = _HF_EMBED
+            return hf_key, ranges[split]
+    if key == _D9D_SCORE:
+        return _HF_SCORE, None
+    return key, None
+
+
+def hf_tensor_parts(keys: list[str], params: Qwen3DenseParameters) -> dict[str, list[str]]:
+    """Groups d9d state-dict names by the HF tensor they form (export direction).
+
+    Args:
+        keys: d9d state-dict names of a full (single-stage) model.
+        params: The backbone parameters (for the vocabulary splits).
+
+    Returns:
+        An ordered mapping from HF name to the d9d names whose row-wise concatenation, in
+        this order, is that HF tensor (one name for everything but the vocabulary tensors).
+    """
+    out: dict[str, list[str]] = {}
+    order = {name: i for i, name in enumerate(params.split_vocab_order)}
+    for key in keys:
+        hf_key, _ = hf_source_of(key, params)
+        out.setdefault(hf_key, []).append(key)
+    for hf_key in (_HF_EMBED, _HF_LM_HEAD):
+        if hf_key in out:
+            prefix = _D9D_EMBED_PREFIX if hf_key == _HF_EMBED else _D9D_LM_HEAD_PREFIX
+            out[hf_key].sort(key=lambda k, p=prefix: order[k[len(p) : -len(".weight")]])
     return out
