@@ -46,6 +46,12 @@ class _MeanAggregator:
         self._collected: list[torch.Tensor] = []
 
     def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        if self._weights.shape[:2] != hidden_states.shape[:2]:
+            # A (B, 1) or (1, S) mask would broadcast into a sum instead of a mean.
+            raise ValueError(
+                f"hidden_states_agg_mask shape {tuple(self._weights.shape[:2])} does not match "
+                f"(batch, seq) = {tuple(hidden_states.shape[:2])}"
+            )
         pooled = (hidden_states.float() * self._weights).sum(dim=1)
         self._collected.append(pooled.to(hidden_states.dtype))
 
