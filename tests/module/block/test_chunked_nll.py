@@ -1,0 +1,73 @@
+"""The chunked LM-head loss: same numbers as the one-shot path, bounded logits memory."""
+
+import pytest
+import torch
+
+from d9d.module.block.head import SplitLanguageModellingHead
+
+SIZES = {"alpha": 24, "zeta": 40}
+ORDER = ["zeta", "alpha"]
+
+
+def _run(head, h, labels, grad_out):
+    h = h.detach().clone().requires_grad_(True)
+    nll = head(h, labels)
+    (nll * grad_out).sum().backward()
+    grads = {name: p.grad.clone() for name, p in head.named_parameters()}
+    head.zero_grad(set_to_none=True)
+    return nll.detach(), h.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_path_equals_one_shot_path(dtype):
+    head = SplitLanguageModellingHead(SIZES, ORDER, hidden_size=16).to(dtype)
+    h = torch.randn(3, 7, 16, dtype=dtype)
+    labels = torch.randint(0, 64, (3, 7))
+    labels[0, :3] = -100
+    labels[2, -1] = -100
+    # A non-uniform upstream gradient: the loss reduction is the caller's choice.
+    grad_out = torch.rand(3, 7)
+
+    one_shot = _run(head, h, labels, grad_out)
+    head.logits_chunk_bytes = 4 * 64 * 5  # 5 tokens per chunk: 21 tokens -> 5 chunks
+    chunked = _run(head, h, labels, grad_out)
+
+    nll, nll_ref = chunked[0], one_shot[0]
+    assert nll.dtype == torch.float32
+    assert torch.equal(nll[labels == -100], torch.zeros(4))
+    # fp32: only summation order differs. bf16: the one-shot path rounds the whole weight
+    # gradient once; the chunked path accumulates chunk products in fp32 and rounds once,
+    # so both are within bf16 resolution (2**-8 relative) of each other.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(nll, nll_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[1], one_shot[1], **tol)
+    for name, grad in one_shot[2].items():
+        torch.testing.assert_close(chunked[2][name], grad, **tol, msg=name)
+
+
+def test_chunked_path_keeps_logits_memory_bounded():
+    """Bytes saved for backward stay far below one (tokens, V) fp32 logits tensor."""
+    vocab, tokens = 4096, 512
+    head = SplitLanguageModellingHead({"v": vocab}, ["v"], hidden_size=32)
+    h = torch.randn(1, tokens, 32, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            head(h, labels).sum()
+        return total
+
+    full_logits = tokens * vocab * 4
+    one_shot = saved_bytes()
+    head.logits_chunk_bytes = 64 * vocab * 4
+    chunked = saved_bytes()
+    assert one_shot >= full_logits
+    # hidden + labels + weight + per-token logsumexp; no logits.
+    assert chunked < full_logits / 4, (chunked, full_logits)
