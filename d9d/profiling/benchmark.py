@@ -1,0 +1,354 @@
+"""Real training steps on synthetic tokens, measured: the engine of ``profiling/mfu.py``.
+
+One call of :func:`run_benchmark` benchmarks one compile preset on a fresh model:
+
+1. dynamo's caches and counters are reset (so graph breaks and recompiles are per config);
+2. the model is built on ``meta``, cast to the run's dtype, the compile preset is applied
+   (float8, activation checkpointing, regional compile), then it is materialised with
+   ``to_empty`` + ``reset_parameters()`` — the same order as the training stack;
+3. ``warmup`` steps run (the first one compiles and is timed on its own), then ``steps``
+   measured steps. A step is: forward, ``loss.backward()``, ``optimizer.step()``,
+   ``optimizer.zero_grad(set_to_none=True)``, with AdamW on its fused path (foreach where
+   fused is unavailable);
+4. memory is read (CUDA statistics, or the CPU substitute of ``memory.py``); an optional
+   ``torch.profiler`` Chrome trace covers a few more steps.
+
+Parameters, gradients and AdamW state are all in the run's dtype (no fp32 master copy),
+which is what a bf16 benchmark of the model's compute needs and keeps CPU runs small.
+The synthetic batch is one fixed random batch: token values do not change the work.
+"""
+
+import contextlib
+import math
+import platform
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch._inductor.utils import fresh_cache
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
+from d9d.profiling.flops import training_flops_per_token
+from d9d.profiling.memory import CudaPeakMemory, measure_cpu_step_memory
+from d9d.profiling.peak import PeakFlops
+from d9d.profiling.report import ProfileRecord
+from d9d.profiling.timers import DeviceClock, StepTimes
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What to run, shared by every config of one harness invocation.
+
+    Attributes:
+        model_preset: Name of the model shape (for the report).
+        params: The causal-LM parameters.
+        batch_size: Sequences per step (per data-parallel rank).
+        seq_len: Tokens per sequence.
+        steps: Measured steps.
+        warmup: Warm-up steps before them (>= 1: the first step compiles).
+        dtype: Parameter and compute dtype.
+        device: Device to run on.
+        trace_dir: Where to write a Chrome trace per config (``None``: no trace).
+        trace_steps: Steps covered by the trace.
+        seed: Seed for the weights and the synthetic batch.
+        cold_compile: Compile each config into a fresh, empty inductor cache, so that the
+            first step shows the full compile cost (otherwise kernels cached on disk by
+            an earlier run are reused and the first step shows mostly tracing).
+    """
+
+    model_preset: str
+    params: Qwen3DenseForCausalLMParameters
+    batch_size: int
+    seq_len: int
+    steps: int
+    warmup: int
+    dtype: torch.dtype
+    device: torch.device
+    trace_dir: Path | None = None
+    trace_steps: int = 3
+    seed: int = 0
+    cold_compile: bool = False
+
+
+def validate_spec(spec: BenchmarkSpec) -> None:
+    """Rejects a spec that cannot run, before anything is built.
+
+    Raises:
+        ValueError: For a non-positive size or count, a sequence longer than the model's
+            ``max_position_ids``, or a device type the harness does not support.
+    """
+    for name in ("batch_size", "seq_len", "steps", "warmup", "trace_steps"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
+    max_pos = spec.params.model.max_position_ids
+    if spec.seq_len > max_pos:
+        raise ValueError(
+            f"seq_len {spec.seq_len} exceeds the model's max_position_ids={max_pos} "
+            f"(model preset '{spec.model_preset}')"
+        )
+    if spec.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device type '{spec.device.type}' is not supported (cpu or cuda)")
+    if spec.device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device} requested but CUDA is not available")
+
+
+class Trainer(Protocol):
+    """One training setup the measuring loop can drive (single process or distributed)."""
+
+    module: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+
+    def forward_backward(self) -> torch.Tensor | None:
+        """Runs forward and backward of one step; returns the detached loss.
+
+        ``None`` where this process does not see the loss (a pipeline stage before the
+        last).
+        """
+        ...
+
+    def optimizer_step(self) -> None:
+        """Steps and zeroes every optimizer."""
+        ...
+
+
+def make_adamw(params, lr: float = 1e-4) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW on its fused path, or foreach where fused is unavailable.
+
+    Returns:
+        The optimizer and a label of the path taken (for the report).
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True), "AdamW(fused)"
+    except (RuntimeError, ValueError):
+        # fused needs every parameter on a device/dtype its kernel supports.
+        return torch.optim.AdamW(params, lr=lr, foreach=True), "AdamW(foreach)"
+
+
+def synthetic_batch(spec: BenchmarkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``input_ids`` and ``labels`` of shape ``(batch_size, seq_len)``."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    vocab = spec.params.model.vocab_size
+    shape = (spec.batch_size, spec.seq_len)
+    input_ids = torch.randint(0, vocab, shape, generator=generator)
+    labels = torch.randint(0, vocab, shape, generator=generator)
+    return input_ids.to(spec.device), labels.to(spec.device)
+
+
+class SingleProcessTrainer:
+    """The whole causal LM in one process."""
+
+    def __init__(self, spec: BenchmarkSpec, compile_config, apply_config: Callable | None):
+        """Builds the model (meta -> dtype -> compile preset -> materialise) and AdamW.
+
+        Args:
+            spec: The run.
+            compile_config: The compile preset, or ``None`` for plain eager.
+            apply_config: ``d9d.compile.apply_compile_config`` (``None`` for eager).
+        """
+        torch.manual_seed(spec.seed)
+        with torch.device("meta"):
+            model = Qwen3DenseForCausalLM(
+                spec.params,
+                PipelineStageInfo(0, 1),
+                HiddenStatesAggregationMode.no,
+                enable_checkpointing=False,
+            )
+        model.to(spec.dtype)
+        if compile_config is not None and apply_config is not None:
+            apply_config(model, compile_config)
+        model.to_empty(device=spec.device)
+        model.reset_parameters()
+        self.module = model
+        optimizer, self.optimizer_label = make_adamw(model.parameters())
+        self.optimizers = [optimizer]
+        self.input_ids, self.labels = synthetic_batch(spec)
+
+    def forward_backward(self) -> torch.Tensor:
+        """Forward, mean per-token NLL, backward."""
+        loss = self.module(input_ids=self.input_ids, labels=self.labels)["logps"].mean()
+        loss.backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """AdamW step, then gradients to ``None`` (frees them between steps)."""
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def device_name(device: torch.device) -> str:
+    """Product name of the device: the GPU name, or the CPU model from ``/proc/cpuinfo``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else (platform.processor() or "cpu")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _trace(trainer: Trainer, spec: BenchmarkSpec, config_name: str, rank: int) -> Path:
+    assert spec.trace_dir is not None
+    spec.trace_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f".rank{rank}" if rank else ""
+    path = spec.trace_dir / f"{config_name}{suffix}.json"
+    activities = [ProfilerActivity.CPU]
+    if spec.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as prof:
+        for index in range(spec.trace_steps):
+            with record_function(f"train_step_{index}"):
+                with record_function("forward_backward"):
+                    trainer.forward_backward()
+                with record_function("optimizer"):
+                    trainer.optimizer_step()
+    prof.export_chrome_trace(str(path))
+    return path
+
+
+def run_benchmark(
+    spec: BenchmarkSpec,
+    config_name: str,
+    make_trainer: Callable[[], Trainer],
+    peak: PeakFlops,
+    *,
+    float8: bool = False,
+    world_size: int = 1,
+    rank: int = 0,
+    tokens_per_step: float | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> ProfileRecord:
+    """Benchmarks one config: builds a fresh trainer, runs and measures its steps.
+
+    Args:
+        spec: The run.
+        config_name: Name of the compile preset (for progress lines and the report).
+        make_trainer: Builds the model and optimizer with the preset applied. Called
+            after dynamo is reset, so that compile counters belong to this config.
+        peak: The peak FLOP/s MFU is divided by.
+        float8: Whether the preset enables float8 (for the report).
+        world_size: Number of processes (rates stay per device).
+        rank: This process's rank (trace file names).
+        tokens_per_step: Tokens one device accounts for per step (default
+            ``batch_size * seq_len``; a distributed run divides the global batch by
+            the world size, so rates stay per device).
+        log: Receives one progress line per step.
+
+    Returns:
+        The measurements.
+
+    Raises:
+        ValueError: If the spec cannot run (see :func:`validate_spec`).
+        RuntimeError: If the loss is not finite.
+    """
+    validate_spec(spec)
+    with fresh_cache() if spec.cold_compile else contextlib.nullcontext():
+        reset_compile_state()
+        trainer = make_trainer()
+        times, losses, cuda_memory = _run_steps(trainer, spec, config_name, log)
+        compile_stats = read_compile_stats()
+    if cuda_memory is not None:
+        memory = cuda_memory.read()
+    else:
+
+        def one_step() -> None:
+            trainer.forward_backward()
+            trainer.optimizer_step()
+
+        memory = measure_cpu_step_memory(one_step, trainer.module, trainer.optimizers, spec.device)
+    if spec.trace_dir is not None:
+        path = _trace(trainer, spec, config_name, rank)
+        log(f"[{config_name}] trace written to {path}")
+
+    flops = training_flops_per_token(spec.params, spec.seq_len)
+    if tokens_per_step is None:
+        tokens_per_step = spec.batch_size * spec.seq_len
+    tokens_per_second = tokens_per_step / times.step_seconds_median
+    achieved = tokens_per_second * flops.total
+    return ProfileRecord(
+        config=config_name,
+        model_preset=spec.model_preset,
+        model=spec.params.model_dump(),
+        device=str(spec.device),
+        device_name=device_name(spec.device),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        float8=float8,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        world_size=world_size,
+        num_threads=torch.get_num_threads(),
+        steps=spec.steps,
+        warmup=spec.warmup,
+        optimizer=getattr(trainer, "optimizer_label", type(trainer.optimizers[0]).__name__),
+        tokens_per_second=tokens_per_second,
+        model_flops_per_token=flops.total,
+        matmul_flops_per_token=flops.matmul,
+        attention_flops_per_token=flops.attention,
+        achieved_flops_per_second=achieved,
+        peak_flops_per_second=peak.flops_per_second,
+        peak_flops_dtype=peak.dtype,
+        peak_flops_source=peak.source,
+        mfu=achieved / peak.flops_per_second,
+        peak_memory_bytes=memory.peak_bytes,
+        resident_memory_bytes=memory.resident_bytes,
+        step_peak_memory_bytes=memory.step_peak_bytes,
+        memory_source=memory.source,
+        first_step_seconds=times.first_step_seconds,
+        step_seconds_median=times.step_seconds_median,
+        optimizer_seconds_median=times.optimizer_seconds_median,
+        optimizer_fraction=times.optimizer_seconds_median / times.step_seconds_median,
+        graph_breaks=compile_stats.graph_breaks,
+        recompiles=compile_stats.recompiles,
+        compiled_graphs=compile_stats.graphs,
+        compile_cache="cold" if spec.cold_compile else "warm",
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        torch_version=torch.__version__,
+    )
+
+
+def _run_steps(
+    trainer: Trainer, spec: BenchmarkSpec, config_name: str, log: Callable[[str], None]
+) -> tuple[StepTimes, list[float | None], CudaPeakMemory | None]:
+    """Warm-up and measured steps; CUDA peak memory is bracketed around the measured ones."""
+    clock = DeviceClock(spec.device)
+    times = StepTimes()
+    total = spec.warmup + spec.steps
+    losses: list[float | None] = []
+    cuda_memory: CudaPeakMemory | None = None
+    for index in range(total):
+        measured = index >= spec.warmup
+        if measured and cuda_memory is None and spec.device.type == "cuda":
+            cuda_memory = CudaPeakMemory(spec.device)
+        start = clock.now()
+        loss = trainer.forward_backward()
+        backward_done = clock.now()
+        trainer.optimizer_step()
+        end = clock.now()
+        if index == 0:
+            times.first_step_seconds = end - start
+        if measured:
+            times.add(end - start, end - backward_done)
+        losses.append(None if loss is None else float(loss))
+        phase = "measured" if measured else ("compile/warmup" if index == 0 else "warmup")
+        shown = "on the last stage" if loss is None else f"{losses[-1]:.4f}"
+        log(f"[{config_name}] step {index + 1}/{total} ({phase}) {end - start:.3f} s loss {shown}")
+    if not all(value is None or math.isfinite(value) for value in losses):
+        # A diverged run measures nothing meaningful (and NaN kernels can be slower).
+        raise RuntimeError(f"config {config_name}: non-finite loss {losses}")
+    return times, losses, cuda_memory

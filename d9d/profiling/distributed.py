@@ -1,0 +1,206 @@
+"""The harness under ``torchrun``: FSDP2 per layer inside pipeline stages, per-device rates.
+
+Every rank builds its pipeline stage the way the training stack does (meta -> dtype ->
+compile preset -> ``parallelize_qwen3_dense_for_causal_lm`` -> ``to_empty`` +
+``reset_parameters()``), then the single-process measuring loop of ``benchmark.py``
+drives it: without pipelining a plain forward/backward (FSDP2 reduces the gradients),
+with ``pp > 1`` a 1F1B schedule over ``n_microbatches``.
+
+Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
+divided by the world size, so tokens/s and MFU read the same way as on one device and
+are directly comparable with the single-device table. Rank 0 merges the ranks' records:
+the slowest rank's step time (the others wait for it), the largest peak memory, the
+largest graph-break and recompile counts, and the loss from the last stage.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
+from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.profiling.benchmark import BenchmarkSpec, make_adamw, run_benchmark, synthetic_batch
+from d9d.profiling.peak import PeakFlops, resolve_peak_flops
+from d9d.profiling.report import ProfileRecord
+
+
+class DistributedTrainer:
+    """This rank's pipeline stage, FSDP2-sharded, with its AdamW and its data shard."""
+
+    def __init__(
+        self,
+        spec: BenchmarkSpec,
+        dist_context: DistributedContext,
+        compile_config,
+        apply_config,
+        n_microbatches: int,
+    ):
+        """Builds the stage in the training stack's order and, for ``pp > 1``, a schedule.
+
+        Args:
+            spec: The run (``batch_size`` is per data-parallel rank).
+            dist_context: The distributed context.
+            compile_config: The compile preset.
+            apply_config: ``d9d.compile.apply_compile_config``.
+            n_microbatches: Pipeline microbatches (ignored without pipelining).
+        """
+        (stage_index,) = dist_context.local_pipeline_stages(1)
+        stage = PipelineStageInfo(stage_index, dist_context.pp_size)
+        torch.manual_seed(spec.seed)
+        with torch.device("meta"):
+            model = Qwen3DenseForCausalLM(
+                spec.params, stage, HiddenStatesAggregationMode.no, enable_checkpointing=False
+            )
+        model.to(spec.dtype)
+        apply_config(model, compile_config)
+        parallelize_qwen3_dense_for_causal_lm(
+            dist_context, model, stage, compile_config=compile_config
+        )
+        model.to_empty(device=dist_context.device)
+        model.reset_parameters()
+        self.module = model
+        optimizer, self.optimizer_label = make_adamw(model.parameters())
+        self.optimizers = [optimizer]
+        # Each data-parallel rank reads its own samples; pipeline peers read the same.
+        shard_spec = BenchmarkSpec(**{**spec.__dict__, "seed": spec.seed + dist_context.dp_rank})
+        input_ids, labels = synthetic_batch(shard_spec)
+        self.batch = {"input_ids": input_ids, "labels": labels}
+        self.schedule = None
+        if dist_context.pp_size > 1:
+            self.schedule = build_pipeline_schedule(
+                dist_context, [model], [stage], self.batch, n_microbatches, CausalLMLoss()
+            )
+
+    def forward_backward(self) -> torch.Tensor | None:
+        """One step's forward and backward; the loss where this rank sees it."""
+        if self.schedule is not None:
+            result = self.schedule.step(self.batch)
+            return result.loss
+        out = self.module(**self.batch)
+        loss = out["logps"].mean()
+        loss.backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """AdamW step, then gradients to ``None``."""
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
+    # Ranks measuring a CPU peak concurrently disagree a little; every rank must divide
+    # by the same number, and the best sample is the least disturbed one.
+    best = torch.tensor([peak.flops_per_second], dtype=torch.float64, device=device)
+    dist.all_reduce(best, op=dist.ReduceOp.MAX)
+    value = float(best.item())
+    if not peak.measured:
+        return peak
+    source = f"{peak.source}; max over {dist.get_world_size()} ranks: {value / 1e12:.3f} TFLOP/s"
+    return PeakFlops(value, peak.dtype, source, peak.measured)
+
+
+def _merge(records: list[ProfileRecord]) -> ProfileRecord:
+    slowest = max(records, key=lambda r: r.step_seconds_median)
+    with_loss = [r for r in records if r.loss_first is not None]
+    return slowest.model_copy(
+        update={
+            "peak_memory_bytes": max(r.peak_memory_bytes for r in records),
+            "resident_memory_bytes": max(r.resident_memory_bytes for r in records),
+            "step_peak_memory_bytes": max(r.step_peak_memory_bytes for r in records),
+            "first_step_seconds": max(r.first_step_seconds for r in records),
+            "graph_breaks": max(r.graph_breaks for r in records),
+            "recompiles": max(r.recompiles for r in records),
+            "compiled_graphs": max(r.compiled_graphs for r in records),
+            "loss_first": with_loss[0].loss_first if with_loss else None,
+            "loss_last": with_loss[0].loss_last if with_loss else None,
+            "memory_source": slowest.memory_source + " (max over ranks)",
+        }
+    )
+
+
+def run_distributed(
+    spec: BenchmarkSpec, configs: dict, args: argparse.Namespace
+) -> list[ProfileRecord]:
+    """Benchmarks every config on every rank; returns the merged records on rank 0.
+
+    Args:
+        spec: The run (``batch_size`` per data-parallel rank).
+        configs: Compile presets by the name given on the command line.
+        args: The parsed command line (``pp``, ``dp_shard``, ``dp_replicate``,
+            ``microbatches``, ``peak_tflops``).
+
+    Returns:
+        The records on rank 0, an empty list on the other ranks.
+
+    Raises:
+        ValueError: When not launched by ``torchrun``, or the mesh does not match the
+            world size, or the batch does not split into the microbatches.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        world = args.pp * args.dp_shard * args.dp_replicate
+        raise ValueError(
+            f"--pp/--dp-shard/--dp-replicate need torchrun: torchrun --nproc-per-node {world} "
+            "profiling/mfu.py ..."
+        )
+    from d9d.compile import apply_compile_config
+
+    if spec.device.type == "cpu" and not dist.is_initialized():
+        # DeviceMeshParameters.build() would pick an accelerator if there is one.
+        dist.init_process_group("gloo")
+    dist_context = DeviceMeshParameters(
+        pipeline_parallel=args.pp,
+        data_parallel_shard=args.dp_shard,
+        data_parallel_replicate=args.dp_replicate,
+    ).build()
+    device = dist_context.device
+    spec = BenchmarkSpec(**{**spec.__dict__, "device": device})
+    n_microbatches = args.microbatches or args.pp
+    if args.pp > 1 and spec.batch_size % n_microbatches:
+        raise ValueError(
+            f"--batch-size {spec.batch_size} does not split into {n_microbatches} microbatches"
+        )
+    rank, world_size = dist_context.rank, dist_context.world_size
+    tokens_per_step = spec.batch_size * spec.seq_len * dist_context.dp_size / world_size
+
+    def log(line: str) -> None:
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    merged: list[ProfileRecord] = []
+    for config in configs.values():
+        float8 = config.float8.enabled
+        peak = _agreed_peak(
+            resolve_peak_flops(device, spec.dtype, float8=float8, override_tflops=args.peak_tflops),
+            device,
+        )
+        record = run_benchmark(
+            spec,
+            config.name,
+            lambda config=config: DistributedTrainer(
+                spec, dist_context, config, apply_compile_config, n_microbatches
+            ),
+            peak,
+            float8=float8,
+            world_size=world_size,
+            rank=rank,
+            tokens_per_step=tokens_per_step,
+            log=log,
+        )
+        gathered: list[ProfileRecord | None] = [None] * world_size if rank == 0 else []
+        dist.gather_object(record, gathered if rank == 0 else None, dst=0)
+        if rank == 0:
+            merged.append(_merge([r for r in gathered if r is not None]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dist.barrier()
+    dist.destroy_process_group()
+    return merged

@@ -1,0 +1,190 @@
+"""Peak memory of a training step: exact on CUDA, a measured substitute on the CPU.
+
+On CUDA the caching allocator keeps the numbers (``torch.cuda.max_memory_allocated``).
+The CPU allocator keeps no statistics, and RSS is a poor substitute: glibc keeps freed
+blocks mapped, so RSS says more about malloc's history than about the step. So on the
+CPU the peak is rebuilt from what the training loop holds plus what one step allocates:
+
+* *resident*: the bytes of every live parameter, gradient, buffer and optimizer-state
+  tensor (unique storages), taken between steps;
+* *step peak*: the highest net allocation during one extra (untimed) step, replayed from
+  ``torch.profiler`` allocation events (``profile_memory=True``). Only blocks allocated
+  inside that step are counted, so the number does not depend on earlier profiler runs.
+
+``peak = resident + step peak`` then corresponds to what ``max_memory_allocated`` reports
+on CUDA (tensor bytes, not allocator caching or fragmentation).
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+CUDA_MEMORY_SOURCE = "cuda: torch.cuda.max_memory_allocated over the measured steps"
+CPU_MEMORY_SOURCE = (
+    "cpu (measured substitute): live params/grads/buffers/optimizer state + peak net "
+    "allocation of one extra step from torch.profiler memory events"
+)
+
+
+@dataclass(frozen=True)
+class MemoryMeasurement:
+    """Memory of a training step.
+
+    Attributes:
+        peak_bytes: Peak tensor bytes during a step (what MFU tables call peak memory).
+        resident_bytes: Tensor bytes held between steps (weights, optimizer state, ...).
+        step_peak_bytes: ``peak_bytes - resident_bytes``: the most a step adds on top
+            (activations kept for backward, gradients, temporaries).
+        source: How the numbers were obtained.
+    """
+
+    peak_bytes: int
+    resident_bytes: int
+    step_peak_bytes: int
+    source: str
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    # A DTensor (FSDP2 shard) owns only its local shard's storage.
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+def resident_tensor_bytes(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> int:
+    """Bytes of the unique storages of a module's tensors and its optimizers' state.
+
+    Counts parameters, their gradients (when not ``None``), buffers and every tensor in
+    the optimizer state. Storages shared by several tensors count once.
+
+    Args:
+        module: The trained module.
+        optimizers: Optimizers whose state to include.
+
+    Returns:
+        Total bytes.
+    """
+    tensors: list[torch.Tensor] = []
+    for param in module.parameters():
+        tensors.append(param)
+        if param.grad is not None:
+            tensors.append(param.grad)
+    tensors.extend(module.buffers())
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        local = _local(tensor)
+        if local.device.type == "meta":
+            continue
+        storage = local.untyped_storage()
+        seen[(str(local.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def profiled_step_peak_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """Runs ``step`` once under ``torch.profiler`` and returns its peak net allocation.
+
+    The allocation events of ``device`` are replayed in time order; a free of a block
+    that was allocated before the profiler started is ignored (its size is unknown to
+    the profiler, and it was part of the resident set anyway).
+
+    Args:
+        step: One training step.
+        device: The device whose allocations count.
+
+    Returns:
+        The highest ``allocated - freed`` bytes reached during the step (>= 0).
+    """
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events = []
+    for node in _walk(prof.profiler.kineto_results.experimental_event_tree()):
+        kind, fields = node.typed
+        if kind != _EventType.Allocation:
+            continue
+        if fields.device.type != device.type:
+            continue
+        events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    events.sort(key=lambda event: event[0])
+    live: dict[int, int] = {}
+    current = peak = 0
+    for _, ptr, size in events:
+        if size > 0:
+            live[ptr] = size
+            current += size
+        elif ptr in live:
+            current -= live.pop(ptr)
+        peak = max(peak, current)
+    return peak
+
+
+class CudaPeakMemory:
+    """Brackets the measured steps on CUDA: resets the peak, then reads it back."""
+
+    def __init__(self, device: torch.device):
+        """Resets the CUDA peak statistics of ``device``.
+
+        Args:
+            device: A CUDA device.
+        """
+        self.device = device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.resident_bytes = torch.cuda.memory_allocated(device)
+
+    def read(self) -> MemoryMeasurement:
+        """The peak since construction."""
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return MemoryMeasurement(
+            peak_bytes=peak,
+            resident_bytes=self.resident_bytes,
+            step_peak_bytes=max(0, peak - self.resident_bytes),
+            source=CUDA_MEMORY_SOURCE,
+        )
+
+
+def measure_cpu_step_memory(
+    step: Callable[[], object],
+    module: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer],
+    device: torch.device,
+) -> MemoryMeasurement:
+    """The CPU substitute: resident tensors now plus the profiled peak of one more step.
+
+    Call it between steps (gradients already zeroed), after warm-up, so that lazily
+    created optimizer state is resident and compilation is done.
+
+    Args:
+        step: One training step (it is run once more).
+        module: The trained module.
+        optimizers: Its optimizers.
+        device: The device of the run.
+
+    Returns:
+        The measurement, labelled with :data:`CPU_MEMORY_SOURCE`.
+    """
+    optimizers = list(optimizers)
+    resident = resident_tensor_bytes(module, optimizers)
+    step_peak = profiled_step_peak_bytes(step, device)
+    return MemoryMeasurement(
+        peak_bytes=resident + step_peak,
+        resident_bytes=resident,
+        step_peak_bytes=step_peak,
+        source=CPU_MEMORY_SOURCE,
+    )

@@ -1,0 +1,240 @@
+"""profiling/mfu.py end to end (a subprocess on the tiny model) and its argument errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d9d.profiling.flops import training_flops_per_token
+from d9d.profiling.model_presets import get_model_preset
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "profiling" / "mfu.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import mfu  # noqa: E402
+
+REQUIRED_KEYS = {
+    "config",
+    "model",
+    "device",
+    "dtype",
+    "batch_size",
+    "seq_len",
+    "world_size",
+    "tokens_per_second",
+    "model_flops_per_token",
+    "achieved_flops_per_second",
+    "peak_flops_per_second",
+    "peak_flops_source",
+    "mfu",
+    "peak_memory_bytes",
+    "memory_source",
+    "first_step_seconds",
+    "step_seconds_median",
+    "graph_breaks",
+    "recompiles",
+    "optimizer_seconds_median",
+}
+BATCH, SEQ = 2, 32
+
+
+@pytest.fixture(scope="module")
+def run_result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mfu")
+    # float8 without compile: exercises the float8 labelling without a second compile.
+    eager_float8 = tmp / "eager_float8.toml"
+    eager_float8.write_text('[float8]\nenabled = true\nskip_patterns = ["lm_head.*"]\n')
+    out = tmp / "records.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model=tiny",
+            f"--batch-size={BATCH}",
+            f"--seq-len={SEQ}",
+            "--steps=2",
+            "--warmup=1",
+            "--dtype=float32",
+            "--device=cpu",
+            f"--json={out}",
+            f"--trace={tmp / 'trace'}",
+            "--trace-steps=1",
+            "--cold-compile",
+            "--config",
+            "eager",
+            "compile",
+            str(eager_float8),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text()), tmp
+
+
+def test_prints_the_table_and_progress(run_result):
+    proc, _, _ = run_result
+    header = proc.stdout.splitlines()[0]
+    for column in ("config", "tokens/s", "TFLOP/s", "MFU", "peak mem", "first step s"):
+        assert column in header
+    for column in ("median step s", "graph breaks", "recompiles"):
+        assert column in header
+    assert "(vs bf16)" in proc.stdout
+    assert "includes compile into an empty inductor cache" in proc.stdout
+    # One progress line per step on stderr: (warmup + steps) per config.
+    assert proc.stderr.count("] step ") == 3 * 3
+    assert "Traceback" not in proc.stderr
+
+
+def test_json_records_are_complete_and_consistent(run_result):
+    _, records, _ = run_result
+    assert [r["config"] for r in records] == ["eager", "compile", "eager_float8"]
+    params = get_model_preset("tiny").parameters()
+    flops = training_flops_per_token(params, SEQ).total
+    for rec in records:
+        assert set(rec) >= REQUIRED_KEYS
+        assert rec["model"] == params.model_dump()
+        assert (rec["device"], rec["dtype"], rec["world_size"]) == ("cpu", "float32", 1)
+        assert (rec["batch_size"], rec["seq_len"]) == (BATCH, SEQ)
+        assert rec["model_flops_per_token"] == flops
+        assert rec["tokens_per_second"] == pytest.approx(BATCH * SEQ / rec["step_seconds_median"])
+        assert rec["achieved_flops_per_second"] == pytest.approx(rec["tokens_per_second"] * flops)
+        assert rec["mfu"] == pytest.approx(
+            rec["tokens_per_second"] * rec["model_flops_per_token"] / rec["peak_flops_per_second"]
+        )
+        assert 0 < rec["mfu"] < 1.5  # measured peak and tiny model: loose, but a fraction
+        assert 0 < rec["optimizer_seconds_median"] < rec["step_seconds_median"]
+        assert rec["first_step_seconds"] > 0
+        assert (
+            rec["peak_memory_bytes"] == rec["resident_memory_bytes"] + rec["step_peak_memory_bytes"]
+        )
+        assert rec["step_peak_memory_bytes"] > 0
+        assert "measured substitute" in rec["memory_source"]
+        assert rec["peak_flops_source"].startswith("measured on this CPU")
+        assert (rec["graph_breaks"], rec["recompiles"]) == (0, 0)
+        assert rec["compile_cache"] == "cold"
+        assert math.isfinite(rec["loss_first"]) and abs(rec["loss_first"] - math.log(512)) < 1.0
+    eager, compiled, float8 = records
+    assert eager["compiled_graphs"] == 0 and compiled["compiled_graphs"] >= 1
+    # float8 is measured against the bf16 peak although the run is float32.
+    assert not eager["float8"] and float8["float8"]
+    assert float8["peak_flops_dtype"] == "bfloat16" and eager["peak_flops_dtype"] == "float32"
+    assert "float8 run: MFU against the bf16 peak" in float8["peak_flops_source"]
+
+
+def test_trace_is_a_chrome_trace_per_config(run_result):
+    _, _, tmp = run_result
+    names = sorted(p.name for p in (tmp / "trace").iterdir())
+    assert names == ["compile.json", "eager.json", "eager_float8.json"]
+    trace = json.loads((tmp / "trace" / "eager.json").read_text())
+    assert any(e.get("name") == "train_step_0" for e in trace["traceEvents"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "no_such_preset"], "unknown compile preset 'no_such_preset'"),
+        (["--model", "qwen3-9b"], "unknown model preset 'qwen3-9b'"),
+        (["--model", "tiny", "--seq-len", "300"], "max_position_ids=256"),
+        (["--model", "tiny", "--num-heads", "3"], "must be divisible by num_key_value_heads"),
+        (["--model", "tiny", "--num-layers", "0"], "num_hidden_layers"),
+        (["--batch-size", "0"], "must be >= 1"),
+        (["--dtype", "int8"], "invalid choice: 'int8'"),
+        (["--peak-tflops", "-3"], "must be > 0"),
+        (["--device", "not-a-device"], "not a device"),
+        (["--model", "tiny", "--device", "xpu"], "not supported"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
+    assert mfu.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("profiling/mfu.py: error: ")
+    assert message in lines[0]
+    assert captured.out == ""
+
+
+def test_cuda_device_without_cuda_is_an_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mfu.main(["--model", "tiny", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "CUDA is not available" in err
+
+
+def test_out_of_memory_is_one_line_with_the_way_out(capsys, monkeypatch):
+    def run_out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(mfu, "run", run_out_of_memory)
+    assert mfu.main(["--model", "qwen3-32b"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of memory" in err and "--batch-size" in err
+
+
+def test_bad_argument_exit_status_from_the_script():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", "eager", "no_such_preset"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "unknown compile preset 'no_such_preset'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_pipeline_and_fsdp_rates_are_per_device(tmp_path):
+    out = tmp_path / "records.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            str(SCRIPT),
+            "--model=tiny",
+            "--config=eager",
+            "--pp=2",
+            "--batch-size=4",
+            f"--seq-len={SEQ}",
+            "--steps=2",
+            "--warmup=1",
+            "--device=cpu",
+            f"--json={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert (rec["world_size"], rec["batch_size"]) == (2, 4)
+    # One pipeline of 2 stages: the global batch of 4 x SEQ tokens is shared by 2 devices.
+    assert rec["tokens_per_second"] == pytest.approx(4 * SEQ / 2 / rec["step_seconds_median"])
+    assert rec["mfu"] == pytest.approx(
+        rec["tokens_per_second"] * rec["model_flops_per_token"] / rec["peak_flops_per_second"]
+    )
+    # Rank 0 holds the first stage; the merged record takes the loss from the last one.
+    assert rec["loss_first"] == pytest.approx(math.log(512), abs=1.0)
+    assert "max over ranks" in rec["memory_source"]
+    assert rec["compile_cache"] == "warm"
+    # The table is printed once (by rank 0), progress lines too.
+    assert proc.stdout.count("| eager ") == 1
+    assert proc.stderr.count("[eager] step ") == 3
+
+
+def test_parallel_flags_without_torchrun_are_an_error(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert mfu.main(["--model", "tiny", "--pp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "need torchrun: torchrun --nproc-per-node 2" in err

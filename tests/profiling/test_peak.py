@@ -1,0 +1,88 @@
+"""Peak FLOP/s: datasheet lookup by device name, the CPU measurement, the error path."""
+
+import math
+
+import pytest
+import torch
+
+from d9d.profiling.peak import (
+    ACCELERATOR_PEAKS,
+    UnknownAcceleratorError,
+    lookup_accelerator_peak,
+    measure_cpu_matmul_peak,
+    resolve_peak_flops,
+)
+
+
+@pytest.mark.parametrize(
+    ("device_name", "dtype", "tflops", "row"),
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4, "H100 SXM"),
+        ("NVIDIA H100 80GB HBM3", torch.float8_e4m3fn, 1978.9, "H100 SXM"),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756.5, "H100 PCIe"),
+        ("NVIDIA H100 NVL", torch.bfloat16, 835.5, "H100 NVL"),
+        ("NVIDIA H200", torch.bfloat16, 989.4, "H200 SXM"),
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5, "H200 NVL"),
+        ("NVIDIA GH200 480GB", torch.bfloat16, 989.4, "GH200"),
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0, "A100"),
+        ("NVIDIA A100-PCIE-40GB", torch.float32, 19.5, "A100"),
+        ("NVIDIA B200", torch.bfloat16, 2250.0, "B200"),
+        ("NVIDIA L40S", torch.bfloat16, 362.05, "L40S"),
+        ("NVIDIA L4", torch.bfloat16, 121.0, "L4"),
+        ("AMD Instinct MI300X", torch.bfloat16, 1307.4, "MI300X"),
+        ("AMD Instinct MI300X", torch.float8_e4m3fn, 2614.9, "MI300X"),
+    ],
+)
+def test_lookup_by_reported_name(device_name, dtype, tflops, row):
+    peak = lookup_accelerator_peak(device_name, dtype)
+    assert peak.flops_per_second == pytest.approx(tflops * 1e12)
+    assert peak.source.startswith(row + " ")
+    assert not peak.measured
+
+
+def test_every_row_has_a_source_and_a_bf16_peak():
+    for row in ACCELERATOR_PEAKS:
+        assert "datasheet" in row.source.lower() or "data sheet" in row.source.lower()
+        assert row.tflops["bfloat16"] > 0
+
+
+def test_unknown_accelerator_asks_for_peak_tflops():
+    with pytest.raises(UnknownAcceleratorError, match="--peak-tflops") as info:
+        lookup_accelerator_peak("NVIDIA GeForce GTX 1080", torch.bfloat16)
+    assert "GTX 1080" in str(info.value)
+
+
+def test_known_accelerator_without_that_dtype_is_an_error_not_a_fallback():
+    # A100 has no float8 tensor cores: no number rather than the bf16 one.
+    with pytest.raises(UnknownAcceleratorError, match="--peak-tflops"):
+        lookup_accelerator_peak("NVIDIA A100-SXM4-80GB", torch.float8_e4m3fn)
+
+
+def test_unsupported_device_type_is_an_error():
+    with pytest.raises(UnknownAcceleratorError, match="--peak-tflops"):
+        resolve_peak_flops(torch.device("xpu"), torch.bfloat16)
+
+
+def test_override_wins_and_is_labelled():
+    peak = resolve_peak_flops(torch.device("cpu"), torch.float32, override_tflops=2.5)
+    assert peak.flops_per_second == 2.5e12
+    assert "--peak-tflops" in peak.source
+    assert peak.dtype == "float32"
+    with pytest.raises(ValueError, match="positive"):
+        resolve_peak_flops(torch.device("cpu"), torch.float32, override_tflops=0.0)
+
+
+def test_float8_run_is_measured_against_the_bf16_peak():
+    peak = resolve_peak_flops(torch.device("cpu"), torch.float32, float8=True, override_tflops=1.0)
+    assert peak.dtype == "bfloat16"
+    assert "bf16 peak" in peak.source
+
+
+def test_cpu_peak_is_measured_in_the_run_dtype():
+    flops = measure_cpu_matmul_peak(torch.float32, sizes=(128, 256), repeats=2)
+    assert math.isfinite(flops) and flops > 1e8
+    # Cached: a second call returns the very same measurement.
+    assert measure_cpu_matmul_peak(torch.float32, sizes=(128, 256), repeats=2) == flops
+    peak = resolve_peak_flops(torch.device("cpu"), torch.bfloat16)
+    assert peak.measured and peak.dtype == "bfloat16"
+    assert peak.source.startswith("measured on this CPU: best bfloat16")
