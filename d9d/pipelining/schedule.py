@@ -1,0 +1,294 @@
+"""Pipeline schedules over ``torch.distributed.pipelining`` for d9d stage modules.
+
+d9d stage modules take named inputs and return dicts; ``torch.distributed.pipelining``
+sends positional tensors between stages. ``build_pipeline_schedule`` bridges the two:
+
+* between stages travel ``hidden_states`` and, in snapshot mode ``"mean"``,
+  ``hidden_states_snapshot`` (shapes from the modules' ``infer_stage_*`` methods, so no
+  shape-probing forward is needed);
+* the first stage gets ``input_ids``;
+* every other key of the batch (``labels``, ``position_ids``,
+  ``hidden_states_agg_mask``, ``pooling_mask``, ...) is split into microbatches and
+  handed to *every* stage, each taking the keys its ``forward`` accepts;
+* the last stage's dict goes to a ``PipelineLoss``, normalised by the global count.
+
+Every rank of a pipeline calls ``PipelineSchedule.step`` with the same local batch.
+"""
+
+import inspect
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.microbatch import TensorChunkSpec
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from d9d.core.dist_context import DistributedContext
+from d9d.pipelining.api import ModuleSupportsPipelining, PipelineStageInfo
+from d9d.pipelining.loss import PipelineLoss
+
+SNAPSHOT_KEY = "hidden_states_snapshot"
+
+
+class PipelineScheduleKind(StrEnum):
+    """Supported schedules.
+
+    Attributes:
+        gpipe: All forwards, then all backwards (one stage per rank).
+        one_f_one_b: 1F1B: one forward, one backward in steady state (one stage per rank).
+        interleaved_1f1b: Interleaved 1F1B (several stages per rank, looped placement).
+    """
+
+    gpipe = "gpipe"
+    one_f_one_b = "1f1b"
+    interleaved_1f1b = "interleaved_1f1b"
+
+
+_SCHEDULES = {
+    PipelineScheduleKind.gpipe: ScheduleGPipe,
+    PipelineScheduleKind.one_f_one_b: Schedule1F1B,
+    PipelineScheduleKind.interleaved_1f1b: ScheduleInterleaved1F1B,
+}
+
+
+class _DictPipelineStage(PipelineStage):
+    """A ``PipelineStage`` that calls its module with names and unpacks its dict.
+
+    The module itself (usually the FSDP root of the stage) stays ``submod``, so
+    ``PipelineStage``'s FSDP handling (one gradient reduction per step, not per
+    microbatch) still applies.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        input_meta: dict[str, torch.Tensor],
+        output_meta: dict[str, torch.Tensor],
+    ):
+        """Builds the stage with static metadata (no shape-probing forward).
+
+        Args:
+            module: The stage module.
+            stage_index: Global index of the stage.
+            num_stages: Number of stages of the pipeline.
+            device: Device of this rank.
+            group: The pipeline process group.
+            input_meta: What the stage receives positionally, by name, in order.
+            output_meta: What the stage returns, by name, in order.
+        """
+        self._input_names = tuple(input_meta)
+        self.output_names = tuple(output_meta)
+        self._accepted = frozenset(inspect.signature(module.forward).parameters)
+        super().__init__(
+            module,
+            stage_index,
+            num_stages,
+            device,
+            input_args=tuple(input_meta.values()),
+            output_args=tuple(output_meta.values()),
+            group=group,
+        )
+
+    def forward_maybe_with_nosync(self, *args, **kwargs):
+        """Calls the module with named inputs; returns its outputs as a tuple.
+
+        Overrides the hook ``PipelineStage.forward_one_chunk`` calls the module through:
+        ``args`` are the positional stage inputs (``input_ids`` on the first stage, the
+        received activations elsewhere), ``kwargs`` this microbatch's side inputs, of
+        which the module gets those its ``forward`` accepts.
+        """
+        named = dict(zip(self._input_names, args, strict=True))
+        named.update((k, v) for k, v in kwargs.items() if k in self._accepted)
+        out = self.submod(**named)
+        # Always a tuple (the last stage too: torch detaches its outputs one by one after
+        # the backward); PipelineSchedule turns the last stage's tuple back into a dict.
+        return tuple(out[name] for name in self.output_names)
+
+
+def _meta_for_grad(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Floating activations carry gradients back to the previous stage; the static
+    # metadata must say so, or the received buffers would not require grad.
+    return {name: t.detach().requires_grad_(t.is_floating_point()) for name, t in tensors.items()}
+
+
+@dataclass
+class PipelineStepResult:
+    """What one ``PipelineSchedule.step`` returns.
+
+    Attributes:
+        loss: The global loss (summed over microbatches and data-parallel ranks, i.e.
+            the global mean) on ranks holding the last stage; ``None`` elsewhere.
+        outputs: The last stage's outputs merged over microbatches, when asked for.
+    """
+
+    loss: torch.Tensor | None
+    outputs: dict[str, torch.Tensor] | None = None
+
+
+class PipelineSchedule:
+    """Runs one training step of a pipeline; build it with ``build_pipeline_schedule``."""
+
+    def __init__(
+        self,
+        dist_context: DistributedContext,
+        stages: list[_DictPipelineStage],
+        kind: PipelineScheduleKind,
+        n_microbatches: int,
+        loss: PipelineLoss,
+    ):
+        """Builds the torch schedule over ``stages`` (use ``build_pipeline_schedule``)."""
+        self._dist_context = dist_context
+        self._stages = stages
+        self._loss = loss
+        self.n_microbatches = n_microbatches
+        self._global_count = torch.ones((), device=dist_context.device)
+        # The last stage's dict is merged per key; snapshots are (layers, batch, hidden).
+        self._output_names = stages[-1].output_names
+        merge_spec = tuple(
+            TensorChunkSpec(1 if name == SNAPSHOT_KEY else 0) for name in self._output_names
+        )
+        schedule_cls = _SCHEDULES[kind]
+        self._schedule = schedule_cls(
+            stages if kind is PipelineScheduleKind.interleaved_1f1b else stages[0],
+            n_microbatches=n_microbatches,
+            loss_fn=self._normalised_loss,
+            output_merge_spec=merge_spec,
+            # The loss is already normalised by the global count: no per-microbatch scaling.
+            scale_grads=False,
+        )
+
+    @property
+    def has_last_stage(self) -> bool:
+        """Whether this rank runs the last stage (and so sees the loss)."""
+        return any(stage.is_last for stage in self._stages)
+
+    def _normalised_loss(
+        self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor
+    ) -> torch.Tensor:
+        named = dict(zip(self._output_names, outputs, strict=True))
+        return self._loss(named, target) / self._global_count
+
+    def step(
+        self, batch: dict[str, torch.Tensor], return_outputs: bool = False
+    ) -> PipelineStepResult:
+        """Runs forward and backward over all microbatches of ``batch``.
+
+        Gradients are accumulated into the stage modules (FSDP reduces them once, at
+        the end); call the optimizer afterwards.
+
+        Args:
+            batch: This data-parallel rank's batch: ``input_ids`` ``(batch, seq)``, the
+                loss target under ``loss.target_key`` and any per-sample side inputs.
+                Every rank of the pipeline passes the same batch.
+            return_outputs: Also return the last stage's outputs, merged over
+                microbatches (``hidden_states_snapshot`` along its batch dim 1).
+
+        Returns:
+            The step result.
+        """
+        if "input_ids" not in batch or self._loss.target_key not in batch:
+            raise ValueError(
+                f"the batch must hold 'input_ids' and {self._loss.target_key!r}, "
+                f"got {sorted(batch)}"
+            )
+        target = batch[self._loss.target_key]
+        count = self._loss.count(target).to(self._dist_context.device, torch.float32)
+        dist.all_reduce(count, group=self._dist_context.dp_group)
+        self._global_count = count.clamp_min(1.0)
+        side_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+        has_first = any(stage.is_first for stage in self._stages)
+        args = (batch["input_ids"],) if has_first else ()
+        losses: list[torch.Tensor] = []
+        merged = self._schedule.step(
+            *args,
+            target=target,
+            losses=losses,
+            return_outputs=return_outputs,
+            **side_inputs,
+        )
+        if not self.has_last_stage:
+            return PipelineStepResult(loss=None)
+        loss = torch.stack(losses).sum().detach()
+        dist.all_reduce(loss, group=self._dist_context.dp_group)
+        if return_outputs:
+            merged = dict(zip(self._output_names, merged, strict=True))
+        return PipelineStepResult(loss=loss, outputs=merged if return_outputs else None)
+
+
+def build_pipeline_schedule(
+    dist_context: DistributedContext,
+    stage_modules: list[nn.Module],
+    stage_infos: list[PipelineStageInfo],
+    example_batch: dict[str, torch.Tensor],
+    n_microbatches: int,
+    loss: PipelineLoss,
+    kind: PipelineScheduleKind | str = PipelineScheduleKind.one_f_one_b,
+) -> PipelineSchedule:
+    """Builds the pipeline stages of this rank and a schedule over them.
+
+    Args:
+        dist_context: The distributed context (its ``pp`` group links the stages).
+        stage_modules: This rank's stage modules (already parallelized and
+            initialised), in the order of ``stage_infos``.
+        stage_infos: Their stage infos (``dist_context.local_pipeline_stages`` gives
+            the indices: rank ``r`` runs stages ``r, r + pp, ...``).
+        example_batch: A batch shaped like the ones ``step`` will get (at least
+            ``input_ids``; ``pooling_mask`` for classification); only shapes are read.
+        n_microbatches: Microbatches per step (must divide the batch size).
+        loss: The loss of the last stage.
+        kind: Which schedule to run.
+
+    Returns:
+        The schedule.
+
+    Raises:
+        ValueError: On a stage/rank mismatch or a schedule that does not fit the
+            number of stages per rank.
+    """
+    kind = PipelineScheduleKind(kind)
+    if len(stage_modules) != len(stage_infos) or not stage_modules:
+        raise ValueError("stage_modules and stage_infos must be non-empty and of equal length")
+    num_stages = stage_infos[0].num_stages
+    expected = dist_context.local_pipeline_stages(len(stage_infos))
+    if [info.current_stage for info in stage_infos] != expected:
+        raise ValueError(
+            f"this rank must run stages {expected} (looped placement), got "
+            f"{[info.current_stage for info in stage_infos]}"
+        )
+    if num_stages != dist_context.pp_size * len(stage_infos):
+        raise ValueError(
+            f"{num_stages} stages do not fit {dist_context.pp_size} pipeline ranks x "
+            f"{len(stage_infos)} stages per rank"
+        )
+    multi = kind is PipelineScheduleKind.interleaved_1f1b
+    if not multi and len(stage_infos) != 1:
+        raise ValueError(f"schedule {kind.value!r} runs exactly one stage per rank")
+    stages = []
+    for module, info in zip(stage_modules, stage_infos, strict=True):
+        if not isinstance(module, ModuleSupportsPipelining):
+            raise ValueError(f"{type(module).__name__} does not implement ModuleSupportsPipelining")
+        inputs = module.infer_stage_inputs_from_pipeline_inputs(example_batch, n_microbatches)
+        outputs = module.infer_stage_outputs_from_pipeline_inputs(example_batch, n_microbatches)
+        stages.append(
+            _DictPipelineStage(
+                module,
+                info.current_stage,
+                num_stages,
+                dist_context.device,
+                dist_context.pp_group,
+                _meta_for_grad(inputs),
+                _meta_for_grad(outputs),
+            )
+        )
+    return PipelineSchedule(dist_context, stages, kind, n_microbatches, loss)
