@@ -1,0 +1,138 @@
+"""Cold compile time and step time of the compile presets on this machine.
+
+For every (preset, number of layers) a fresh Python process builds a small causal LM,
+applies the preset and times the first training step (cold: empty inductor cache, FX
+graph and AOTAutograd caches off) and the median of the next steps. The first step
+minus a steady step is the compile cost; regional compile should make it independent
+of depth.
+
+Usage:
+    python profiling/compile_time.py                      # all presets, 2 and 32 layers
+    python profiling/compile_time.py --presets compile_sac --layers 2 32 --steps 6
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from d9d.compile import apply_compile_config, load_compile_config
+    from d9d.module.model.qwen3_dense import (
+        Qwen3DenseForCausalLM,
+        Qwen3DenseForCausalLMParameters,
+        Qwen3DenseLayerParameters,
+        Qwen3DenseParameters,
+    )
+    from d9d.pipelining.api import PipelineStageInfo
+
+    torch.manual_seed(0)
+    params = Qwen3DenseForCausalLMParameters(
+        model=Qwen3DenseParameters(
+            layer=Qwen3DenseLayerParameters(
+                hidden_size=args.hidden,
+                intermediate_size=args.hidden * 3,
+                num_attention_heads=args.hidden // 64,
+                num_key_value_heads=max(1, args.hidden // 128),
+                rms_norm_eps=1e-6,
+                head_dim=64,
+            ),
+            num_hidden_layers=args.num_layers,
+            rope_base=10000,
+            max_position_ids=args.seq,
+            split_vocab_size={"text": args.vocab},
+            split_vocab_order=["text"],
+        )
+    )
+    model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+    apply_compile_config(model, load_compile_config(args.preset))
+    input_ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+
+    def step() -> float:
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=input_ids[:, :-1], labels=input_ids[:, 1:])
+        out["logps"].mean().backward()
+        return time.perf_counter() - start
+
+    first = step()
+    steady = statistics.median(step() for _ in range(args.steps))
+    print(json.dumps({"first_step_s": first, "step_s": steady}))
+
+
+def _run(preset: str, num_layers: int, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(
+            os.environ,
+            TORCHINDUCTOR_CACHE_DIR=cache_dir,
+            TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+            TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+        )
+        command = [sys.executable, __file__, "--worker", "--preset", preset]
+        command += ["--num-layers", str(num_layers)]
+        for flag in ("hidden", "seq", "batch", "vocab", "steps"):
+            command += [f"--{flag}", str(getattr(args, flag))]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{preset} x {num_layers} layers failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="*", default=None, help="default: all presets")
+    parser.add_argument("--layers", nargs="*", type=int, default=[2, 32])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5, help="steady steps after the first")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--num-layers", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+
+    sys.path.insert(0, str(REPO))
+    from d9d.compile import list_presets
+
+    presets = args.presets or list_presets()
+    print(
+        f"hidden {args.hidden}, seq {args.seq}, batch {args.batch}, fp32, CPU, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    header = "| preset | layers | first step (s) | steady step (s) | compile (s) |"
+    print(header + "\n|---|---|---|---|---|", flush=True)
+    compile_s: dict[tuple[str, int], float] = {}
+    for preset in presets:
+        for num_layers in args.layers:
+            timing = _run(preset, num_layers, args)
+            compile_s[preset, num_layers] = timing["first_step_s"] - timing["step_s"]
+            print(
+                f"| {preset} | {num_layers} | {timing['first_step_s']:.1f} | "
+                f"{timing['step_s']:.3f} | {compile_s[preset, num_layers]:.1f} |",
+                flush=True,
+            )
+    if len(args.layers) == 2:
+        low, high = sorted(args.layers)
+        print(f"\ncompile time ratio {high} / {low} layers:")
+        for preset in presets:
+            if compile_s[preset, low] > 1.0:  # eager has nothing to compile
+                print(f"  {preset}: {compile_s[preset, high] / compile_s[preset, low]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

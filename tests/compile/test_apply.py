@@ -1,0 +1,185 @@
+"""apply_compile_config: order, guards against misuse, model kinds, meta init, checkpoints.
+
+These tests compile with backend ``"eager"`` (dynamo tracing only) where the point is
+the structure rather than inductor; test_presets.py runs the real presets.
+"""
+
+import logging
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from d9d.compile import CompileConfig, apply_compile_config, get_compile_report, load_compile_config
+from d9d.compile.activation_checkpointing import CheckpointedQwen3DenseLayer
+from d9d.module.model.qwen3_dense import (
+    Qwen3DenseForClassification,
+    Qwen3DenseLayer,
+    Qwen3DenseModel,
+)
+from d9d.pipelining.api import PipelineStageInfo
+from tests.compile.helpers import TINY, build_causal_lm, make_batch, train_step
+from tests.conftest import small_classification_params, small_model_params
+
+# Everything at once, traced by dynamo without inductor.
+ALL_STEPS = CompileConfig(
+    compile={"enabled": True, "backend": "eager"},
+    activation_checkpointing={"mode": "selective"},
+    float8={"enabled": True},
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def test_steps_run_and_are_logged_in_order(caplog):
+    model = build_causal_lm(2)
+    with caplog.at_level(logging.INFO, logger="d9d.compile"):
+        assert apply_compile_config(model, ALL_STEPS) is model
+    report = get_compile_report(model)
+    assert report.steps == ["float8", "activation_checkpointing", "compile"]
+    assert report.num_layers == 2 and report.config is ALL_STEPS
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [s.split(":")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert any(
+        "kept lm_head.lm_head.text in high precision" in r.getMessage() for r in caplog.records
+    )
+    for layer in model.model.layers.values():
+        # Still a Qwen3DenseLayer in the ModuleDict (one FSDP2 unit), with the policy and
+        # the compiled call inside it.
+        assert isinstance(layer, CheckpointedQwen3DenseLayer) and isinstance(layer, Qwen3DenseLayer)
+        assert layer._compiled_call_impl is not None
+
+
+def test_applying_twice_is_refused():
+    model = apply_compile_config(build_causal_lm(2), load_compile_config("eager"))
+    with pytest.raises(ValueError, match="'eager' was already applied"):
+        apply_compile_config(model, load_compile_config("compile_sac"))
+
+
+def test_memory_budget_needs_compile():
+    config = CompileConfig(activation_checkpointing={"mode": "memory_budget"})
+    with pytest.raises(ValueError, match=r"needs compile\.enabled=true"):
+        apply_compile_config(build_causal_lm(2), config)
+
+
+@pytest.mark.parametrize("preset", ["compile_sac", "compile_full_ac", "compile_memory_budget"])
+def test_checkpoint_policy_on_a_self_checkpointing_model_is_refused(preset):
+    model = build_causal_lm(2, enable_checkpointing=True)
+    with pytest.raises(ValueError, match="enable_checkpointing=True"):
+        apply_compile_config(model, load_compile_config(preset))
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(ValueError, match="got Linear"):
+        apply_compile_config(torch.nn.Linear(4, 4), ALL_STEPS)
+
+
+def test_float8_says_why_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    with pytest.raises(RuntimeError, match=r"capability >= 8.9.*A100 has 8.0"):
+        apply_compile_config(build_causal_lm(2, device="meta"), ALL_STEPS)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import now fails
+    with pytest.raises(RuntimeError, match="needs torchao"):
+        apply_compile_config(build_causal_lm(2), ALL_STEPS)
+
+
+def test_float8_is_really_used_and_stays_close():
+    fp32 = train_step(build_causal_lm(2), 2, 16)
+    float8_config = CompileConfig(float8={"enabled": True})
+    float8 = train_step(apply_compile_config(build_causal_lm(2), float8_config), 2, 16)
+    # ~2% error per e4m3 product, mostly averaging out over the loss.
+    torch.testing.assert_close(float8[0], fp32[0], rtol=2e-2, atol=0)
+    q_grad = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(float8[1][q_grad], fp32[1][q_grad], rtol=1e-3, atol=0)
+
+
+def test_meta_build_then_to_empty_and_reset_parameters():
+    def initialised(model):
+        torch.manual_seed(7)
+        model.reset_parameters()
+        return model
+
+    meta = apply_compile_config(build_causal_lm(2, device="meta"), ALL_STEPS)
+    meta = initialised(meta.to_empty(device="cpu"))
+    reference = apply_compile_config(initialised(build_causal_lm(2)), ALL_STEPS.model_copy())
+    actual, expected = train_step(meta, 2, 16), train_step(reference, 2, 16)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert sum(counters["graph_break"].values()) == 0
+    # RoPE tables are rebuilt by reset_parameters, not left as garbage.
+    assert torch.equal(meta.model.rotary_emb.cos, reference.model.rotary_emb.cos)
+
+
+def test_state_dict_round_trip_between_compiled_and_eager():
+    compiled = apply_compile_config(build_causal_lm(2), load_compile_config("compile_sac_float8"))
+    eager = build_causal_lm(2)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    assert "model.layers.1.self_attn.q_proj.weight" in compiled.state_dict()
+
+    with torch.no_grad():
+        for param in compiled.parameters():
+            param.add_(torch.randn_like(param))
+    eager.load_state_dict(compiled.state_dict(), strict=True)
+    for name, tensor in compiled.state_dict().items():
+        assert torch.equal(eager.state_dict()[name], tensor), name
+
+    fresh_eager = build_causal_lm(2)
+    fresh_compiled = apply_compile_config(build_causal_lm(2), load_compile_config("compile_sac"))
+    fresh_compiled.load_state_dict(eager.state_dict(), strict=True)
+    fresh_eager.load_state_dict(fresh_compiled.state_dict(), strict=True)
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(fresh_eager.state_dict()[name], tensor), name
+
+
+def test_classification_model_on_a_later_pipeline_stage():
+    def build(apply: bool):
+        torch.manual_seed(3)
+        model = Qwen3DenseForClassification(
+            small_classification_params(num_hidden_layers=4, **TINY),
+            PipelineStageInfo(1, 2),
+            "no",
+            False,
+        )
+        return apply_compile_config(model, ALL_STEPS) if apply else model
+
+    model, reference = build(True), build(False)
+    assert list(model.model.layers) == ["2", "3"]
+    hidden = torch.randn(2, 8, TINY["hidden_size"], requires_grad=True)
+    outs = [m(hidden_states=hidden)["scores"] for m in (model, reference)]
+    # float8 changes numbers; close, not equal.
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.1, atol=0.1)
+    outs[0].sum().backward()
+    assert hidden.grad is not None and sum(counters["graph_break"].values()) == 0
+    assert get_compile_report(model).float8.skipped["cls_head.score"].startswith("matches")
+
+
+def test_backbone_alone():
+    torch.manual_seed(3)
+    model = Qwen3DenseModel(
+        small_model_params(num_hidden_layers=2, **TINY), PipelineStageInfo(0, 1), "no", False
+    )
+    apply_compile_config(model, ALL_STEPS)
+    input_ids, _ = make_batch(2, 8)
+    model(input_ids=input_ids)["hidden_states"].sum().backward()
+    assert get_compile_report(model).num_layers == 2
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_without_policy_on_a_self_checkpointing_model():
+    # enable_checkpointing=True already means "full"; compiling its layers is allowed
+    # and the model-level checkpoint then recomputes each compiled layer.
+    config = CompileConfig(compile={"enabled": True, "backend": "eager"})
+    model = apply_compile_config(build_causal_lm(2, enable_checkpointing=True), config)
+    actual, expected = train_step(model, 2, 16), train_step(build_causal_lm(2), 2, 16)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
