@@ -11,6 +11,7 @@ and compile comes last so that both are traced into each layer's compiled region
 import dataclasses
 import logging
 
+import torch
 from torch import nn
 
 from d9d.compile.activation_checkpointing import (
@@ -75,6 +76,14 @@ def _validate(model: nn.Module, backbone: Qwen3DenseModel, config: CompileConfig
         raise ValueError(
             f"compile config {config.name!r}: activation_checkpointing.mode='memory_budget' "
             "needs compile.enabled=true (the budget is enforced by the compiler's partitioner)"
+        )
+    if mode == "memory_budget" and not hasattr(
+        torch.autograd.graph, "region_activation_memory_budget"
+    ):
+        raise ValueError(
+            f"compile config {config.name!r}: activation_checkpointing.mode='memory_budget' "
+            f"needs torch >= 2.13 (torch.autograd.graph.region_activation_memory_budget); "
+            f"this is torch {torch.__version__}. Use a 'selective' or 'full' preset instead"
         )
     if mode != "none" and backbone.enable_checkpointing:
         raise ValueError(
