@@ -1,0 +1,192 @@
+"""Side-by-side training throughput: HF ``transformers`` Qwen3 vs this project's model.
+
+Every contender trains on the same random tokens with the same shape, dtype and
+optimizer; their steps are interleaved in one process (contender A step, B step, ...), so
+machine noise hits all of them alike. Reports median tokens/s and the ratio to HF eager.
+
+    python profiling/vs_hf.py                     # small Qwen3 shape, vocab 32000
+    python profiling/vs_hf.py --vocab 151936      # realistic vocabulary
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from d9d.compile import apply_compile_config, list_presets, load_compile_config
+from d9d.module.model.qwen3_dense import (
+    Qwen3DenseForCausalLM,
+    Qwen3DenseForCausalLMParameters,
+    Qwen3DenseLayerParameters,
+    Qwen3DenseParameters,
+)
+from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
+from d9d.pipelining.api import PipelineStageInfo
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=["eager", "compile"],
+        help="our presets from compile_configs/ to race against HF",
+    )
+    parser.add_argument("--no-hf-compile", action="store_true", help="skip HF + per-layer compile")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    return parser.parse_args(argv)
+
+
+def _make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    unknown = sorted(set(args.config) - set(list_presets()))
+    if unknown:
+        print(
+            f"vs_hf.py: unknown preset(s) {unknown}; available: {list_presets()}", file=sys.stderr
+        )
+        return 2
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    hf_config = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(args.seq_len, 2048),
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    params = Qwen3DenseForCausalLMParameters(
+        model=Qwen3DenseParameters(
+            layer=Qwen3DenseLayerParameters(
+                hidden_size=args.hidden,
+                intermediate_size=args.intermediate,
+                num_attention_heads=args.heads,
+                num_key_value_heads=args.kv_heads,
+                rms_norm_eps=1e-6,
+                head_dim=args.head_dim,
+            ),
+            num_hidden_layers=args.layers,
+            rope_base=1_000_000,
+            max_position_ids=max(args.seq_len, 2048),
+            split_vocab_size={"main": args.vocab},
+            split_vocab_order=["main"],
+        )
+    )
+    reference = Qwen3ForCausalLM(hf_config).to(dtype)
+    ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
+    # HF shifts inside; give ours the same targets (next token, last position ignored).
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+
+    contenders: dict[str, Callable[[], float]] = {}
+
+    def hf_contender(compiled: bool) -> Callable[[], float]:
+        model = Qwen3ForCausalLM(hf_config).to(dtype)
+        model.load_state_dict(reference.state_dict())
+        if compiled:
+            for layer in model.model.layers:
+                layer.compile(fullgraph=False)
+        return _make_step(model, lambda: model(input_ids=ids, labels=ids).loss)
+
+    contenders["hf eager"] = hf_contender(False)
+    if not args.no_hf_compile:
+        contenders["hf + per-layer compile"] = hf_contender(True)
+    for name in args.config:
+        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False).to(dtype)
+        model.load_state_dict(state_dict_from_hf(reference.state_dict(), params.model))
+        apply_compile_config(model, load_compile_config(name))
+
+        def loss_fn(model=model) -> torch.Tensor:
+            logps = model(input_ids=ids, labels=labels)["logps"]
+            return logps.sum() / (labels != -100).sum()
+
+        contenders[f"d9d {name}"] = _make_step(model, loss_fn)
+
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for step in range(args.warmup + args.steps):
+        for name, run in contenders.items():
+            seconds = run()
+            if step >= args.warmup:
+                times[name].append(seconds)
+            print(f"step {step} {name}: {seconds:.3f}s", file=sys.stderr)
+
+    tokens = args.batch_size * args.seq_len
+    base = statistics.median(times["hf eager"])
+    records = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        records.append(
+            {
+                "contender": name,
+                "tokens_per_second": tokens / median,
+                "step_seconds_median": median,
+                "speedup_vs_hf_eager": base / median,
+            }
+        )
+    from tabulate import tabulate
+
+    print(
+        f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
+        f"head_dim={args.head_dim} vocab={args.vocab} batch={args.batch_size} "
+        f"seq={args.seq_len} dtype={args.dtype}, {args.steps} timed steps (median)"
+    )
+    print(
+        tabulate(
+            [
+                [
+                    r["contender"],
+                    f"{r['tokens_per_second']:.0f}",
+                    f"{r['step_seconds_median']:.3f}",
+                    f"{r['speedup_vs_hf_eager']:.2f}x",
+                ]
+                for r in records
+            ],
+            headers=["contender", "tokens/s", "step s", "vs HF eager"],
+        )
+    )
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
