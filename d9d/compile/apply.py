@@ -20,7 +20,7 @@ from d9d.compile.activation_checkpointing import (
 )
 from d9d.compile.config import CompileConfig
 from d9d.compile.float8 import Float8Report, convert_linears_to_float8
-from d9d.compile.regional import compile_layers
+from d9d.compile.regional import compile_layers, compile_loss_kernels
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
 from d9d.module.model.qwen3_dense.model import (
     Qwen3DenseForCausalLM,
@@ -140,6 +140,9 @@ def apply_compile_config(model: nn.Module, config: CompileConfig) -> nn.Module:
         )
         compile_layers(layers, config.compile)
         report.steps.append("compile")
+        if compile_loss_kernels(model, config.compile):
+            logger.info("step 3/3: fused compiled kernels for the LM-head loss")
+            report.steps.append("compile_loss")
     setattr(model, _APPLIED_ATTR, report)
     return model
 

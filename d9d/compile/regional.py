@@ -7,7 +7,11 @@ parameters are graph inputs), so one compiled graph serves every layer and compi
 does not grow with depth.
 """
 
+from torch import nn
+
 from d9d.compile.config import CompileSection
+from d9d.module.block.chunked_nll import compiled_nll_kernels
+from d9d.module.block.head import SplitLanguageModellingHead
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
 
 
@@ -25,3 +29,26 @@ def compile_layers(layers: list[Qwen3DenseLayer], section: CompileSection) -> No
         return
     for layer in layers:
         layer.compile(backend=section.backend, fullgraph=section.fullgraph, dynamic=section.dynamic)
+
+
+def compile_loss_kernels(model: nn.Module, section: CompileSection) -> bool:
+    """Gives a causal-LM head the fused, compiled loss kernels.
+
+    The head's per-token NLL (``logsumexp``, the label pick, and ``softmax - onehot`` in
+    backward) is a handful of fp32 passes over ``(tokens, V)`` logits in eager mode;
+    compiled, each direction is one fused pass that never materialises fp32 logits. The
+    kernels are two small dynamic-shape graphs shared by every model in the process.
+
+    Args:
+        model: The model (or pipeline stage); only a last stage holding ``lm_head``
+            changes.
+        section: The ``[compile]`` config; nothing happens unless ``enabled``.
+
+    Returns:
+        Whether a head was switched to compiled kernels.
+    """
+    head = getattr(model, "lm_head", None)
+    if not section.enabled or not isinstance(head, SplitLanguageModellingHead):
+        return False
+    head.nll_kernels = compiled_nll_kernels(section.backend)
+    return True

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 from d9d.compile import CompileConfig, apply_compile_config, get_compile_report, load_compile_config
 from d9d.compile.activation_checkpointing import CheckpointedQwen3DenseLayer
+from d9d.module.block.chunked_nll import compiled_nll_kernels
 from d9d.module.model.qwen3_dense import (
     Qwen3DenseForClassification,
     Qwen3DenseLayer,
@@ -42,10 +43,11 @@ def test_steps_run_and_are_logged_in_order(caplog):
     with caplog.at_level(logging.INFO, logger="d9d.compile"):
         assert apply_compile_config(model, ALL_STEPS) is model
     report = get_compile_report(model)
-    assert report.steps == ["float8", "activation_checkpointing", "compile"]
+    assert report.steps == ["float8", "activation_checkpointing", "compile", "compile_loss"]
     assert report.num_layers == 2 and report.config is ALL_STEPS
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert [s.split(":")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert [s.split(":")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3", "step 3/3"]
+    assert model.lm_head.nll_kernels is compiled_nll_kernels(ALL_STEPS.compile.backend)
     assert any(
         "kept lm_head.lm_head.text in high precision" in r.getMessage() for r in caplog.records
     )
@@ -171,6 +173,7 @@ def test_backbone_alone():
     model(input_ids=input_ids)["hidden_states"].sum().backward()
     assert get_compile_report(model).num_layers == 2
     assert sum(counters["graph_break"].values()) == 0
+    # No head, so no loss kernels: the layer graph only.
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -182,4 +185,5 @@ def test_compile_without_policy_on_a_self_checkpointing_model():
     actual, expected = train_step(model, 2, 16), train_step(build_causal_lm(2), 2, 16)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     assert sum(counters["graph_break"].values()) == 0
-    assert counters["stats"]["unique_graphs"] == 1
+    # The layer graph plus the two LM-head loss kernels.
+    assert counters["stats"]["unique_graphs"] == 3

@@ -80,7 +80,9 @@ def test_compile_sac_layers_compile_once_with_fsdp_outside(two_rank):
     for name in compiled:
         for r in two_rank:
             assert r[name]["graph_breaks"] == 0
-            assert r[name]["new_graphs"] <= 1, "one graph must serve every layer"
+            # One layer graph serves every layer; a rank holding the LM head also compiles
+            # the two fused loss kernels (d9d.module.block.chunked_nll).
+            assert r[name]["new_graphs"] <= 1 + 2, "one graph must serve every layer"
     assert sum(r[name]["new_graphs"] for name in compiled for r in two_rank) >= 1
 
 

@@ -1,102 +1,189 @@
-"""Per-token negative log-likelihood of a (split) linear head, computed in token chunks.
+"""Per-token negative log-likelihood of a (split) linear head, memory-bounded.
 
-The plain ``logits -> logsumexp - gather`` path keeps fp32 logits for the whole
-``(B, S, V)`` alive until backward; at V=151936, S=4096 that is 2.5 GB per sequence. Here
-the forward keeps only the per-token ``logsumexp`` and the backward recomputes each
-chunk's logits, so the head's extra memory is bounded by one chunk of ``(tokens, V)``
-logits. The price is one more head matmul in backward (4 instead of 3).
+The naive ``logits.float() -> logsumexp - gather`` path keeps fp32 logits for the whole
+``(B, S, V)`` alive until backward (2.5 GB per 4096-token sequence at V=151936) and walks
+them several times in eager mode. Here:
+
+* the logits stay in the matmul dtype; the fp32 math (``logsumexp``, the pick, and in
+  backward ``softmax - onehot``) happens inside two small kernels
+  (:class:`NLLKernels`), which the compile layer swaps for fused ``torch.compile``d
+  versions so fp32 logits are never materialised;
+* when the logits of the whole batch fit in the caller's budget they are kept for
+  backward (three head matmuls, like the naive path); otherwise the tokens are processed
+  in chunks that fit, only the per-token ``logsumexp`` is kept, and backward recomputes
+  each chunk's logits (one extra head matmul) — the head's extra memory is then bounded
+  by one chunk.
 """
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 
-class _ChunkedLinearNLL(torch.autograd.Function):
+def _lse_and_nll(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = labels == ignore_index
+    picked = x.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    return lse, (lse - picked).masked_fill(ignored, 0.0)
+
+
+def _grad_logits_onehot(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor,
+    grad_nll: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    # d nll / d logits = softmax(logits) - onehot(label), scaled by the incoming grad.
+    # Written as one pointwise expression so that the compiler fuses it into one pass.
+    probs = (logits.float() - lse.unsqueeze(-1)).exp()
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = (vocab == labels.unsqueeze(-1)).to(probs.dtype)
+    scale = grad_nll.float().masked_fill(labels == ignore_index, 0.0).unsqueeze(-1)
+    return ((probs - onehot) * scale).to(logits.dtype)
+
+
+def _grad_logits_inplace(
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor,
+    grad_nll: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    # Same math for eager mode: in-place on one fp32 buffer instead of a one-hot matrix.
+    ignored = labels == ignore_index
+    probs = (logits.float() - lse.unsqueeze(-1)).exp_()
+    minus_one = torch.full_like(lse, -1.0).unsqueeze(-1)
+    probs.scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), minus_one)
+    probs.mul_(grad_nll.float().masked_fill(ignored, 0.0).unsqueeze(-1))
+    return probs.to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class NLLKernels:
+    """The two elementwise/reduction kernels of the head loss.
+
+    Attributes:
+        lse_and_nll: ``(logits (N, V), labels (N,), ignore_index) -> (lse, nll)``, fp32.
+        grad_logits: ``(logits, lse, labels, grad_nll, ignore_index) -> grad`` in the
+            logits' dtype.
+    """
+
+    lse_and_nll: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    grad_logits: Callable[..., torch.Tensor]
+
+
+EAGER_NLL_KERNELS = NLLKernels(_lse_and_nll, _grad_logits_inplace)
+
+
+@functools.cache
+def compiled_nll_kernels(backend: str = "inductor") -> NLLKernels:
+    """The kernels compiled once per process (dynamic shapes: any chunk length/vocab)."""
+    compile_fn = functools.partial(torch.compile, backend=backend, dynamic=True, fullgraph=True)
+    return NLLKernels(compile_fn(_lse_and_nll), compile_fn(_grad_logits_onehot))
+
+
+def _logits(h: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    parts = [h @ w.t() for w in weights]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _LinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, labels, ignore_index, chunk_size, *weights):
+    def forward(ctx, hidden, labels, ignore_index, chunk_tokens, kernels, *weights):
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = labels.reshape(-1)
-        nll = torch.empty(flat_h.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(nll)
-        for start in range(0, flat_h.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = _chunk_logits(flat_h[rows], weights)
-            chunk_labels = flat_labels[rows]
-            ignored = chunk_labels == ignore_index
-            picked = logits.gather(-1, chunk_labels.masked_fill(ignored, 0).unsqueeze(-1))
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[rows] = chunk_lse
-            nll[rows] = (chunk_lse - picked.squeeze(-1)).masked_fill(ignored, 0.0)
-        ctx.save_for_backward(hidden, labels, lse, *weights)
+        num_tokens = flat_h.shape[0]
+        keep_logits = num_tokens <= chunk_tokens
+        if keep_logits:
+            logits = _logits(flat_h, weights)
+            lse, nll = kernels.lse_and_nll(logits, flat_labels, ignore_index)
+            ctx.save_for_backward(hidden, labels, lse, logits, *weights)
+        else:
+            lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+            nll = torch.empty_like(lse)
+            for start in range(0, num_tokens, chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                lse[rows], nll[rows] = kernels.lse_and_nll(
+                    _logits(flat_h[rows], weights), flat_labels[rows], ignore_index
+                )
+            ctx.save_for_backward(hidden, labels, lse, None, *weights)
         ctx.ignore_index = ignore_index
-        ctx.chunk_size = chunk_size
+        ctx.chunk_tokens = chunk_tokens
+        ctx.kernels = kernels
         return nll.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_nll):
-        hidden, labels, lse, *weights = ctx.saved_tensors
+        hidden, labels, lse, logits, *weights = ctx.saved_tensors
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = labels.reshape(-1)
-        flat_grad = grad_nll.reshape(-1).float()
+        flat_grad = grad_nll.reshape(-1)
         need_h = ctx.needs_input_grad[0]
-        need_w = [ctx.needs_input_grad[4 + i] for i in range(len(weights))]
-        grad_h = torch.empty_like(flat_h) if need_h else None
-        grad_w = [
-            torch.zeros_like(w, dtype=torch.float32) if n else None
-            for w, n in zip(weights, need_w, strict=True)
-        ]
+        need_w = ctx.needs_input_grad[5:]
         sizes = [w.shape[0] for w in weights]
-        for start in range(0, flat_h.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+        num_tokens = flat_h.shape[0]
+        chunk = num_tokens if logits is not None else ctx.chunk_tokens
+        single = chunk >= num_tokens
+        grad_h = torch.empty_like(flat_h) if need_h else None
+        # Several chunks accumulate weight grads in fp32 so that bf16 rounds once, as in
+        # one GEMM; a single chunk writes them directly.
+        grad_w = [None] * len(weights)
+        for start in range(0, num_tokens, chunk):
+            rows = slice(start, start + chunk)
             h = flat_h[rows]
-            chunk_labels = flat_labels[rows]
-            ignored = chunk_labels == ctx.ignore_index
-            # d nll / d logits = softmax - onehot(label), scaled per token by the incoming grad.
-            probs = (_chunk_logits(h, weights) - lse[rows].unsqueeze(-1)).exp_()
-            probs.scatter_add_(
-                -1,
-                chunk_labels.masked_fill(ignored, 0).unsqueeze(-1),
-                torch.full((h.shape[0], 1), -1.0, device=h.device),
+            chunk_logits = logits if logits is not None else _logits(h, weights)
+            grad_logits = ctx.kernels.grad_logits(
+                chunk_logits, lse[rows], flat_labels[rows], flat_grad[rows], ctx.ignore_index
             )
-            scale = flat_grad[rows].masked_fill(ignored, 0.0).unsqueeze(-1)
-            grad_logits = (probs * scale).to(h.dtype)
+            del chunk_logits
             parts = torch.split(grad_logits, sizes, dim=-1)
             if need_h:
-                grad_h[rows] = sum(p @ w for p, w in zip(parts, weights, strict=True))
-            for i, p in enumerate(parts):
-                if need_w[i]:
-                    # Accumulate chunks in fp32 so bf16 rounding happens once, as in one GEMM.
-                    grad_w[i] += p.t() @ h
+                grad_h[rows] = functools.reduce(
+                    torch.add, (p @ w for p, w in zip(parts, weights, strict=True))
+                )
+            for i, part in enumerate(parts):
+                if not need_w[i]:
+                    continue
+                product = part.t() @ h
+                if single:
+                    grad_w[i] = product
+                elif grad_w[i] is None:
+                    grad_w[i] = product.float()
+                else:
+                    grad_w[i] += product
+        grads_w = [g if g is None else g.to(w.dtype) for g, w in zip(grad_w, weights, strict=True)]
         grad_hidden = grad_h.view(hidden.shape) if need_h else None
-        grads_w = [
-            g.to(w.dtype) if g is not None else None for g, w in zip(grad_w, weights, strict=True)
-        ]
-        return (grad_hidden, None, None, None, *grads_w)
+        return (grad_hidden, None, None, None, None, *grads_w)
 
 
-def _chunk_logits(h: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    parts = [h @ w.t() for w in weights]
-    logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return logits.float()
-
-
-def chunked_linear_nll(
+def linear_nll(
     hidden: torch.Tensor,
     weights: list[torch.Tensor],
     labels: torch.Tensor,
     ignore_index: int,
-    chunk_size: int,
+    chunk_tokens: int,
+    kernels: NLLKernels = EAGER_NLL_KERNELS,
 ) -> torch.Tensor:
-    """Per-token NLL of ``hidden @ cat(weights).T`` against ``labels``, chunked over tokens.
+    """Per-token NLL of ``hidden @ cat(weights).T`` against ``labels``.
 
     Args:
         hidden: ``(..., H)`` activations.
         weights: Head weights ``(V_i, H)`` of each vocab split, in global vocab order.
         labels: ``(...)`` target ids; ``ignore_index`` positions give exactly 0.
         ignore_index: Label value to ignore.
-        chunk_size: Tokens per chunk; bounds the fp32 logits kept at once to
-            ``chunk_size * V``.
+        chunk_tokens: Most tokens whose logits are alive at once. If all tokens fit, the
+            logits are kept for backward; otherwise they are recomputed chunk by chunk.
+        kernels: The loss kernels (eager, or :func:`compiled_nll_kernels`).
 
     Returns:
         fp32 ``(...)`` tensor of ``logsumexp(logits) - logits[label]``.
     """
-    return _ChunkedLinearNLL.apply(hidden, labels, ignore_index, chunk_size, *weights)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _LinearNLL.apply(hidden, labels, ignore_index, chunk_tokens, kernels, *weights)

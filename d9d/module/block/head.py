@@ -3,13 +3,13 @@
 import torch
 from torch import nn
 
-from d9d.module.block.chunked_nll import chunked_linear_nll
+from d9d.module.block.chunked_nll import EAGER_NLL_KERNELS, NLLKernels, linear_nll
 from d9d.module.block.embedding import check_token_range
 
 IGNORE_INDEX = -100
 
-# Upper bound on the fp32 logits the causal-LM loss keeps alive at once (per forward and
-# per backward chunk); 256 MiB is ~440 tokens at V=151936.
+# Upper bound on the logits (in the head's dtype) the causal-LM loss keeps alive at once;
+# 256 MiB is ~880 bf16 tokens at V=151936.
 DEFAULT_LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
@@ -27,6 +27,8 @@ class SplitLanguageModellingHead(nn.Module):
         self.split_order = list(split_order)
         self.vocab_size = sum(split_vocab_size[name] for name in self.split_order)
         self.logits_chunk_bytes = DEFAULT_LOGITS_CHUNK_BYTES
+        # Swapped for compiled kernels by d9d.compile when a compile preset is applied.
+        self.nll_kernels: NLLKernels = EAGER_NLL_KERNELS
         self.lm_head = nn.ModuleDict(
             {
                 name: nn.Linear(hidden_size, split_vocab_size[name], bias=False)
@@ -42,11 +44,10 @@ class SplitLanguageModellingHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Computes ``logsumexp(logits) - logits[label]`` in fp32, shape ``(B, S)``.
 
-        Positions whose label is ``-100`` hold exactly ``0.0``. The fp32 logits kept alive
-        at once are bounded by ``logits_chunk_bytes``: a batch whose logits fit is computed
-        in one go (three head matmuls); a larger one goes through
-        :func:`chunked_linear_nll`, which recomputes each chunk's logits in backward (one
-        extra head matmul) instead of keeping ``(B, S, V)`` fp32 logits.
+        Positions whose label is ``-100`` hold exactly ``0.0``. Logits are kept in the
+        head's dtype and bounded by ``logits_chunk_bytes``: a batch whose logits fit keeps
+        them for backward; a larger one is processed in chunks whose logits are
+        recomputed in backward (see :mod:`d9d.module.block.chunked_nll`).
         """
         if labels.shape != hidden_states.shape[:-1]:
             raise ValueError(
@@ -54,20 +55,22 @@ class SplitLanguageModellingHead(nn.Module):
                 f"{tuple(hidden_states.shape[:-1])}"
             )
         check_token_range(labels, self.vocab_size, "labels", ignore_index=IGNORE_INDEX)
-        chunk_tokens = max(1, self.logits_chunk_bytes // (4 * self.vocab_size))
         linears = [self.lm_head[name] for name in self.split_order]
         # Swapped linears (e.g. float8) must run through their own forward.
-        plain = all(type(lin) is nn.Linear for lin in linears)
-        if plain and labels.numel() > chunk_tokens:
-            return chunked_linear_nll(
-                hidden_states, [lin.weight for lin in linears], labels, IGNORE_INDEX, chunk_tokens
+        if all(type(lin) is nn.Linear for lin in linears):
+            bytes_per_token = self.vocab_size * hidden_states.element_size()
+            return linear_nll(
+                hidden_states,
+                [lin.weight for lin in linears],
+                labels,
+                IGNORE_INDEX,
+                chunk_tokens=max(1, self.logits_chunk_bytes // bytes_per_token),
+                kernels=self.nll_kernels,
             )
-        logits = self.logits(hidden_states).float()
-        ignored = labels == IGNORE_INDEX
-        safe_labels = labels.masked_fill(ignored, 0)
-        picked = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-        nll = torch.logsumexp(logits, dim=-1) - picked
-        return nll.masked_fill(ignored, 0.0)
+        logits = self.logits(hidden_states)
+        flat = logits.reshape(-1, logits.shape[-1])
+        _, nll = self.nll_kernels.lse_and_nll(flat, labels.reshape(-1), IGNORE_INDEX)
+        return nll.view(labels.shape)
 
     def reset_parameters(self) -> None:
         """Re-initialises every split with ``nn.Linear`` defaults."""

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from d9d.module.block.chunked_nll import EAGER_NLL_KERNELS, compiled_nll_kernels
 from d9d.module.block.head import SplitLanguageModellingHead
 
 SIZES = {"alpha": 24, "zeta": 40}
@@ -18,8 +19,9 @@ def _run(head, h, labels, grad_out):
     return nll.detach(), h.grad, grads
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_kernels", "compiled_kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_path_equals_one_shot_path(dtype):
+def test_chunked_path_equals_one_shot_path(dtype, compiled):
     head = SplitLanguageModellingHead(SIZES, ORDER, hidden_size=16).to(dtype)
     h = torch.randn(3, 7, 16, dtype=dtype)
     labels = torch.randint(0, 64, (3, 7))
@@ -29,7 +31,13 @@ def test_chunked_path_equals_one_shot_path(dtype):
     grad_out = torch.rand(3, 7)
 
     one_shot = _run(head, h, labels, grad_out)
-    head.logits_chunk_bytes = 4 * 64 * 5  # 5 tokens per chunk: 21 tokens -> 5 chunks
+    if compiled:
+        # The fused kernels the compile layer installs must give the eager numbers.
+        head.nll_kernels = compiled_nll_kernels("inductor")
+    else:
+        assert head.nll_kernels is EAGER_NLL_KERNELS
+    # 5 tokens per chunk: 21 tokens -> 5 chunks
+    head.logits_chunk_bytes = h.element_size() * 64 * 5
     chunked = _run(head, h, labels, grad_out)
 
     nll, nll_ref = chunked[0], one_shot[0]
