@@ -8,9 +8,11 @@ from d9d.module.block.embedding import check_token_range
 
 IGNORE_INDEX = -100
 
-# Upper bound on the logits (in the head's dtype) the causal-LM loss keeps alive at once;
-# 256 MiB is ~880 bf16 tokens at V=151936.
-DEFAULT_LOGITS_CHUNK_BYTES = 256 * 2**20
+# Upper bound on the logits (in the head's dtype) the causal-LM loss keeps alive at once.
+# Below it the logits are kept for backward (three head matmuls); above it they are
+# recomputed chunk by chunk (four). 1 GiB keeps the bf16 logits of a 2048-token sequence
+# at V=151936 (622 MB), chunks a 4096-token one (1.2 GB), and bounds any batch.
+DEFAULT_LOGITS_CHUNK_BYTES = 2**30
 
 
 class SplitLanguageModellingHead(nn.Module):

@@ -1,0 +1,101 @@
+"""Peak memory and time of one training step, by LM-head loss implementation.
+
+Compares, on the same model and batch (default: realistic vocabulary 151936, one
+2048-token sequence, bf16, a 2-layer hidden-512 backbone so the head dominates):
+
+* ``naive fp32 logits``: the textbook path (``logits.float()``, ``logsumexp - gather``),
+  which is what the model did before the memory-bounded head and what HF does;
+* ``kept bf16 logits``: this project's default when the logits fit the budget, with the
+  fused compiled loss kernels (``compile`` preset);
+* ``chunked``: the same with a small budget, so logits are recomputed chunk by chunk.
+
+Peak = the highest net allocation during one step (forward, backward), from
+``torch.profiler`` memory events; the resident weights and gradients are not included.
+
+    python profiling/head_memory.py
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+from d9d.compile import apply_compile_config, load_compile_config
+from d9d.module.block.head import IGNORE_INDEX
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.profiling.memory import profiled_step_peak_bytes
+from d9d.profiling.model_presets import get_model_preset
+
+
+def _naive_nll(model: Qwen3DenseForCausalLM, ids: torch.Tensor, labels: torch.Tensor):
+    hidden = model.model(input_ids=ids)["hidden_states"]
+    logits = model.lm_head.logits(hidden).float()
+    ignored = labels == IGNORE_INDEX
+    picked = logits.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(logits, dim=-1) - picked).masked_fill(ignored, 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab-size", type=int, default=151_936)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--chunk-mib", type=int, default=128, help="budget of the chunked row")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    params = get_model_preset("cpu-small").parameters(num_hidden_layers=args.num_layers)
+    params.model.split_vocab_size = {"text": args.vocab_size}
+    params.model.max_position_ids = max(params.model.max_position_ids, args.seq_len)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    labels = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+
+    variants = {
+        "naive fp32 logits (before)": None,
+        "kept bf16 logits (default)": 2**30,
+        f"chunked ({args.chunk_mib} MiB budget)": args.chunk_mib * 2**20,
+    }
+    rows = []
+    for name, budget in variants.items():
+        torch.manual_seed(0)
+        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = model.to(torch.bfloat16)
+        apply_compile_config(model, load_compile_config("compile"))
+        if budget is not None:
+            model.lm_head.logits_chunk_bytes = budget
+
+        def step(model=model, naive=budget is None):
+            nll = (
+                _naive_nll(model, ids, labels)
+                if naive
+                else model(input_ids=ids, labels=labels)["logps"]
+            )
+            nll.mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        step()  # compile
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        peak = profiled_step_peak_bytes(step, torch.device("cpu"))
+        rows.append([name, f"{peak / 2**20:,.0f}", f"{statistics.median(times):.3f}"])
+        print(f"{name}: done", file=sys.stderr)
+    tokens = args.batch_size * args.seq_len
+    print(
+        f"V={args.vocab_size}, {args.batch_size} x {args.seq_len} tokens, bf16, "
+        f"{args.num_layers} layers hidden 512 (compile preset); full fp32 logits would be "
+        f"{tokens * args.vocab_size * 4 / 2**20:,.0f} MiB"
+    )
+    print(tabulate(rows, headers=["LM-head loss", "step peak MiB", "fwd+bwd s (median)"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
