@@ -38,7 +38,11 @@ from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCau
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
-from d9d.profiling.memory import CudaPeakMemory, measure_cpu_step_memory
+from d9d.profiling.memory import (
+    CudaPeakMemory,
+    measure_cpu_step_memory,
+    retained_forward_bytes,
+)
 from d9d.profiling.peak import PeakFlops
 from d9d.profiling.report import ProfileRecord
 from d9d.profiling.timers import DeviceClock, StepTimes
@@ -179,6 +183,14 @@ class SingleProcessTrainer:
         loss.backward()
         return loss.detach()
 
+    def forward_only(self) -> dict[str, torch.Tensor]:
+        """One backbone forward with autograd on; its output keeps the layers' activations.
+
+        The head is left out: what it keeps (the logits) does not depend on the
+        activation-checkpoint policy that this number is there to compare.
+        """
+        return self.module.model(input_ids=self.input_ids)
+
     def optimizer_step(self) -> None:
         """AdamW step, then gradients to ``None`` (frees them between steps)."""
         for optimizer in self.optimizers:
@@ -271,6 +283,11 @@ def run_benchmark(
             trainer.optimizer_step()
 
         memory = measure_cpu_step_memory(one_step, trainer.module, trainer.optimizers, spec.device)
+    # Only a trainer that runs the whole model in one forward call can be measured so.
+    forward_only = getattr(trainer, "forward_only", None)
+    activation_bytes = (
+        retained_forward_bytes(forward_only, spec.device) if forward_only is not None else None
+    )
     if spec.trace_dir is not None:
         path = _trace(trainer, spec, config_name, rank)
         log(f"[{config_name}] trace written to {path}")
@@ -307,6 +324,7 @@ def run_benchmark(
         peak_memory_bytes=memory.peak_bytes,
         resident_memory_bytes=memory.resident_bytes,
         step_peak_memory_bytes=memory.step_peak_bytes,
+        activation_memory_bytes=activation_bytes,
         memory_source=memory.source,
         first_step_seconds=times.first_step_seconds,
         step_seconds_median=times.step_seconds_median,

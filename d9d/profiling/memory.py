@@ -93,25 +93,18 @@ def _walk(nodes):
         yield from _walk(node.children)
 
 
-def profiled_step_peak_bytes(step: Callable[[], object], device: torch.device) -> int:
-    """Runs ``step`` once under ``torch.profiler`` and returns its peak net allocation.
+def _profiled_net_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int, object]:
+    """Runs ``fn`` under ``torch.profiler``; returns (peak, final) net allocation and its result.
 
     The allocation events of ``device`` are replayed in time order; a free of a block
     that was allocated before the profiler started is ignored (its size is unknown to
     the profiler, and it was part of the resident set anyway).
-
-    Args:
-        step: One training step.
-        device: The device whose allocations count.
-
-    Returns:
-        The highest ``allocated - freed`` bytes reached during the step (>= 0).
     """
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities, profile_memory=True) as prof:
-        step()
+        result = fn()
     events = []
     for node in _walk(prof.profiler.kineto_results.experimental_event_tree()):
         kind, fields = node.typed
@@ -130,7 +123,44 @@ def profiled_step_peak_bytes(step: Callable[[], object], device: torch.device) -
         elif ptr in live:
             current -= live.pop(ptr)
         peak = max(peak, current)
+    return peak, current, result
+
+
+def profiled_step_peak_bytes(step: Callable[[], object], device: torch.device) -> int:
+    """Runs ``step`` once under ``torch.profiler`` and returns its peak net allocation.
+
+    Args:
+        step: One training step.
+        device: The device whose allocations count.
+
+    Returns:
+        The highest ``allocated - freed`` bytes reached during the step (>= 0).
+    """
+    peak, _, _ = _profiled_net_bytes(step, device)
     return peak
+
+
+def retained_forward_bytes(forward: Callable[[], object], device: torch.device) -> int:
+    """Bytes a forward leaves allocated while its output is alive: the activation memory.
+
+    That is what the autograd graph keeps for backward (plus the small outputs), so it
+    is what activation checkpointing trades against recompute. The output is dropped
+    afterwards without a backward.
+
+    Args:
+        forward: Runs one forward with autograd on and returns its output.
+        device: The device whose allocations count.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        output = forward()
+        torch.cuda.synchronize(device)
+        retained = torch.cuda.memory_allocated(device) - before
+    else:
+        _, retained, output = _profiled_net_bytes(forward, device)
+    del output
+    return max(0, retained)
 
 
 class CudaPeakMemory:

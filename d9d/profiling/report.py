@@ -41,6 +41,10 @@ class ProfileRecord(BaseModel):
         peak_memory_bytes: Peak tensor memory of a step.
         resident_memory_bytes: Tensor memory held between steps.
         step_peak_memory_bytes: What a step adds on top of the resident memory.
+        activation_memory_bytes: What one forward of the backbone (embedding and
+            layers, not the head) leaves allocated for its backward: the activation
+            memory that checkpoint policies trade (single-process runs; ``None`` under
+            torchrun).
         memory_source: How memory was measured.
         first_step_seconds: Wall time of the first step (includes compile).
         step_seconds_median: Median wall time of the measured steps.
@@ -85,6 +89,7 @@ class ProfileRecord(BaseModel):
     peak_memory_bytes: int
     resident_memory_bytes: int
     step_peak_memory_bytes: int
+    activation_memory_bytes: int | None = None
     memory_source: str
     first_step_seconds: float
     step_seconds_median: float
@@ -118,6 +123,7 @@ def format_table(records: list[ProfileRecord]) -> str:
         "TFLOP/s",
         "MFU",
         "peak mem",
+        "layer act mem",
         "first step s",
         "median step s",
         "optim share",
@@ -134,6 +140,7 @@ def format_table(records: list[ProfileRecord]) -> str:
                 f"{rec.achieved_flops_per_second / 1e12:.3f}",
                 mfu,
                 _mib(rec.peak_memory_bytes),
+                "-" if rec.activation_memory_bytes is None else _mib(rec.activation_memory_bytes),
                 f"{rec.first_step_seconds:.2f}",
                 f"{rec.step_seconds_median:.3f}",
                 f"{rec.optimizer_fraction:.1%}",
@@ -166,4 +173,8 @@ def format_table(records: list[ProfileRecord]) -> str:
             lines.append(f"peak: {source}")
         for source in dict.fromkeys(rec.memory_source for rec in records):
             lines.append(f"memory: {source}")
+        lines.append(
+            "layer act mem: memory a forward of the embedding and layers leaves allocated "
+            "for backward (what checkpointing trades), measured like peak mem"
+        )
     return "\n".join(lines)

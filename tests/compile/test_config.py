@@ -42,7 +42,10 @@ def test_presets_mean_what_their_names_say():
     assert not load_compile_config("eager").compile.enabled
     assert load_compile_config("compile_full_ac").activation_checkpointing.mode == "full"
     sac = load_compile_config("compile_sac").activation_checkpointing
-    assert sac.mode == "selective" and "aten.mm" in sac.saved_ops
+    assert sac.mode == "selective" and sac.save_every_other_matmul
+    all_mm = load_compile_config("compile_sac_all_mm").activation_checkpointing
+    assert all_mm.mode == "selective" and "aten.mm" in all_mm.saved_ops
+    assert not all_mm.save_every_other_matmul
     budget = load_compile_config("compile_memory_budget").activation_checkpointing
     assert budget.mode == "memory_budget" and 0 < budget.memory_budget < 1
     assert load_compile_config("compile_sac_float8").float8.recipe == "tensorwise"

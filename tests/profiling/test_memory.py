@@ -9,6 +9,7 @@ from d9d.profiling.memory import (
     measure_cpu_step_memory,
     profiled_step_peak_bytes,
     resident_tensor_bytes,
+    retained_forward_bytes,
 )
 
 MIB = 2**20
@@ -74,3 +75,22 @@ def test_measure_cpu_step_memory_adds_resident_and_step_peak():
     # A step at least materialises the weight gradient (1 MiB) and the activations.
     assert memory.step_peak_bytes >= 512 * 512 * 4 + 64 * 512 * 4
     assert memory.peak_bytes == memory.resident_bytes + memory.step_peak_bytes
+
+
+def test_retained_forward_bytes_counts_what_backward_keeps():
+    weight = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(1024, 256)
+
+    def forward():
+        # tanh saves its output (1 MiB) for backward; the matmul saves x and weight,
+        # which existed before; the intermediate product is freed after tanh.
+        return torch.tanh(x @ weight).sum()
+
+    retained = retained_forward_bytes(forward, torch.device("cpu"))
+    assert MIB <= retained < MIB + 64 * 1024
+
+    def no_grad_forward():
+        with torch.no_grad():
+            return torch.tanh(x @ weight).sum()
+
+    assert retained_forward_bytes(no_grad_forward, torch.device("cpu")) < 1024

@@ -38,6 +38,7 @@ REQUIRED_KEYS = {
     "graph_breaks",
     "recompiles",
     "optimizer_seconds_median",
+    "activation_memory_bytes",
 }
 BATCH, SEQ = 2, 32
 
@@ -115,6 +116,10 @@ def test_json_records_are_complete_and_consistent(run_result):
             rec["peak_memory_bytes"] == rec["resident_memory_bytes"] + rec["step_peak_memory_bytes"]
         )
         assert rec["step_peak_memory_bytes"] > 0
+        # The layers' saved activations: at least one (batch, seq, hidden) tensor per layer.
+        hidden = params.model.layer.hidden_size
+        assert rec["activation_memory_bytes"] >= BATCH * SEQ * hidden * 4
+        assert rec["activation_memory_bytes"] < rec["step_peak_memory_bytes"]
         assert "measured substitute" in rec["memory_source"]
         assert rec["peak_flops_source"].startswith("measured on this CPU")
         assert (rec["graph_breaks"], rec["recompiles"]) == (0, 0)
