@@ -19,13 +19,9 @@ from pathlib import Path
 import torch
 
 from d9d.compile import apply_compile_config, list_presets, load_compile_config
-from d9d.module.model.qwen3_dense import (
-    Qwen3DenseForCausalLM,
-    Qwen3DenseForCausalLMParameters,
-    Qwen3DenseLayerParameters,
-    Qwen3DenseParameters,
-)
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
+from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
 from d9d.pipelining.api import PipelineStageInfo
 
 
@@ -94,23 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    params = Qwen3DenseForCausalLMParameters(
-        model=Qwen3DenseParameters(
-            layer=Qwen3DenseLayerParameters(
-                hidden_size=args.hidden,
-                intermediate_size=args.intermediate,
-                num_attention_heads=args.heads,
-                num_key_value_heads=args.kv_heads,
-                rms_norm_eps=1e-6,
-                head_dim=args.head_dim,
-            ),
-            num_hidden_layers=args.layers,
-            rope_base=1_000_000,
-            max_position_ids=max(args.seq_len, 2048),
-            split_vocab_size={"main": args.vocab},
-            split_vocab_order=["main"],
-        )
-    )
+    # Our parameters read off the very config HF builds from, so both sides match.
+    params = causal_lm_params_from_hf_config(hf_config.to_dict())
     reference = Qwen3ForCausalLM(hf_config).to(dtype)
     ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
     # HF shifts inside; give ours the same targets (next token, last position ignored).

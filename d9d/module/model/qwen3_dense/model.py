@@ -236,12 +236,49 @@ def _microbatch_shape(inputs: dict[str, torch.Tensor], n_microbatches: int) -> t
     return batch // n_microbatches, seq
 
 
-class Qwen3DenseForCausalLM(nn.Module):
+class _Qwen3DenseWithHead(nn.Module):
+    """Shared plumbing of the causal-LM and classification wrappers.
+
+    The backbone is ``self.model``; the head (built by the subclass on the last stage)
+    is the attribute named by ``_head_name``.
+    """
+
+    _head_name: str
+
+    def __init__(
+        self,
+        backbone_params: Qwen3DenseParameters,
+        stage: PipelineStageInfo,
+        hidden_states_snapshot_mode: HiddenStatesAggregationMode,
+        enable_checkpointing: bool,
+    ):
+        super().__init__()
+        self.stage = stage
+        self.model = Qwen3DenseModel(
+            backbone_params, stage, hidden_states_snapshot_mode, enable_checkpointing
+        )
+
+    def reset_parameters(self) -> None:
+        """Resets module parameters."""
+        self.model.reset_parameters()
+        if self.stage.is_current_stage_last:
+            getattr(self, self._head_name).reset_parameters()
+
+    def infer_stage_inputs_from_pipeline_inputs(
+        self, inputs: dict[str, torch.Tensor], n_microbatches: int
+    ) -> dict[str, torch.Tensor]:
+        """Returns meta tensors shaped like this stage's inputs for one microbatch."""
+        return self.model.infer_stage_inputs_from_pipeline_inputs(inputs, n_microbatches)
+
+
+class Qwen3DenseForCausalLM(_Qwen3DenseWithHead):
     """A Qwen3 Dense model wrapped with a Causal Language Modeling head.
 
     It is designed to be split across multiple pipeline stages; the head lives on the
     last stage and returns the per-token negative log-likelihood under ``"logps"``.
     """
+
+    _head_name = "lm_head"
 
     def __init__(
         self,
@@ -259,12 +296,8 @@ class Qwen3DenseForCausalLM(nn.Module):
                 & snapshotting mode.
             enable_checkpointing: Whether to enable activation checkpointing.
         """
-        super().__init__()
+        super().__init__(params.model, stage, hidden_states_snapshot_mode, enable_checkpointing)
         self.params = params
-        self.stage = stage
-        self.model = Qwen3DenseModel(
-            params.model, stage, hidden_states_snapshot_mode, enable_checkpointing
-        )
         if stage.is_current_stage_last:
             self.lm_head = SplitLanguageModellingHead(
                 params.model.split_vocab_size,
@@ -313,18 +346,6 @@ class Qwen3DenseForCausalLM(nn.Module):
             out["logps"] = self.lm_head(out["hidden_states"], labels)
         return out
 
-    def reset_parameters(self) -> None:
-        """Resets module parameters."""
-        self.model.reset_parameters()
-        if self.stage.is_current_stage_last:
-            self.lm_head.reset_parameters()
-
-    def infer_stage_inputs_from_pipeline_inputs(
-        self, inputs: dict[str, torch.Tensor], n_microbatches: int
-    ) -> dict[str, torch.Tensor]:
-        """Returns meta tensors shaped like this stage's inputs for one microbatch."""
-        return self.model.infer_stage_inputs_from_pipeline_inputs(inputs, n_microbatches)
-
     def infer_stage_outputs_from_pipeline_inputs(
         self, inputs: dict[str, torch.Tensor], n_microbatches: int
     ) -> dict[str, torch.Tensor]:
@@ -336,12 +357,14 @@ class Qwen3DenseForCausalLM(nn.Module):
         return out
 
 
-class Qwen3DenseForClassification(nn.Module):
+class Qwen3DenseForClassification(_Qwen3DenseWithHead):
     """A Qwen3 Dense model wrapped with a Sequence/Token Classification head.
 
     It is designed to be split across multiple pipeline stages; the head lives on the
     last stage and returns fp32 ``"scores"``.
     """
+
+    _head_name = "cls_head"
 
     def __init__(
         self,
@@ -359,12 +382,8 @@ class Qwen3DenseForClassification(nn.Module):
                 & snapshotting mode.
             enable_checkpointing: Whether to enable activation checkpointing.
         """
-        super().__init__()
+        super().__init__(params.model, stage, hidden_states_snapshot_mode, enable_checkpointing)
         self.params = params
-        self.stage = stage
-        self.model = Qwen3DenseModel(
-            params.model, stage, hidden_states_snapshot_mode, enable_checkpointing
-        )
         if stage.is_current_stage_last:
             self.cls_head = ClassificationHead(
                 params.model.layer.hidden_size, params.num_labels, params.classifier_dropout
@@ -406,18 +425,6 @@ class Qwen3DenseForClassification(nn.Module):
         if self.stage.is_current_stage_last:
             out["scores"] = self.cls_head(out["hidden_states"], pooling_mask)
         return out
-
-    def reset_parameters(self) -> None:
-        """Resets module parameters."""
-        self.model.reset_parameters()
-        if self.stage.is_current_stage_last:
-            self.cls_head.reset_parameters()
-
-    def infer_stage_inputs_from_pipeline_inputs(
-        self, inputs: dict[str, torch.Tensor], n_microbatches: int
-    ) -> dict[str, torch.Tensor]:
-        """Returns meta tensors shaped like this stage's inputs for one microbatch."""
-        return self.model.infer_stage_inputs_from_pipeline_inputs(inputs, n_microbatches)
 
     def infer_stage_outputs_from_pipeline_inputs(
         self, inputs: dict[str, torch.Tensor], n_microbatches: int
