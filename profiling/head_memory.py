@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 from d9d.compile import apply_compile_config, load_compile_config
 from d9d.module.block.head import IGNORE_INDEX
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.memory import profiled_step_peak_bytes
 from d9d.profiling.model_presets import get_model_preset
@@ -49,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
 
-    params = get_model_preset("cpu-small").parameters(num_hidden_layers=args.num_layers)
-    params.model.split_vocab_size = {"text": args.vocab_size}
-    params.model.max_position_ids = max(params.model.max_position_ids, args.seq_len)
+    base = get_model_preset("cpu-small").parameters(num_hidden_layers=args.num_layers)
+    # Rebuilt through the pydantic model so the new sizes are validated.
+    params = Qwen3DenseForCausalLMParameters.model_validate(
+        {
+            "model": {
+                **base.model.model_dump(),
+                "split_vocab_size": {"text": args.vocab_size},
+                "split_vocab_order": ["text"],
+                "max_position_ids": max(base.model.max_position_ids, args.seq_len),
+            }
+        }
+    )
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
     labels = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
 

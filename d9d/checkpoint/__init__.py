@@ -42,7 +42,8 @@ def load_model_checkpoint(modules: nn.Module | Sequence[nn.Module], checkpoint_i
     """Loads a checkpoint saved under any layout into this rank's stage module(s).
 
     The modules must be materialised (``to_empty``) and, if wanted, parallelized
-    first; only the keys they hold are read.
+    first; only the keys they hold are read. No ``reset_parameters()`` is needed: the
+    non-persistent RoPE tables rebuild themselves when a state dict is loaded.
 
     Args:
         modules: The stage module(s) to fill.

@@ -141,8 +141,9 @@ class Float8Section(_Section):
 class FsdpSection(_Section):
     """``[fsdp]``: FSDP2 settings read by ``d9d.module.parallelism``.
 
-    ``None`` leaves the choice to FSDP2 (parameters and reductions in the parameter
-    dtype, resharding after forward except on the last stage). Use
+    ``None`` keeps parameters and reductions in the parameter dtype, and lets
+    ``d9d.module.parallelism`` choose resharding: FSDP2's default without pipelining, no
+    resharding of the layers under pipelining (and never of the norm + head). Use
     :meth:`torch_param_dtype` / :meth:`torch_reduce_dtype` to build a
     ``MixedPrecisionPolicy``.
 
@@ -208,6 +209,14 @@ def load_compile_config(path_or_preset_name: str | Path) -> CompileConfig:
     path = Path(path_or_preset_name)
     if path.suffix != ".toml" and len(path.parts) == 1:
         path = PRESET_DIR / f"{path.name}.toml"
+        if not PRESET_DIR.is_dir():
+            # The presets live in the repository, next to the package: a non-editable
+            # install does not carry them.
+            raise ValueError(
+                f"compile preset {str(path_or_preset_name)!r}: no preset folder at "
+                f"{PRESET_DIR} (install the repository with `pip install -e .`, or pass the "
+                "path of a TOML file)"
+            )
         if not path.is_file():
             raise ValueError(
                 f"unknown compile preset {str(path_or_preset_name)!r}; "

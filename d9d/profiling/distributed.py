@@ -73,6 +73,7 @@ class DistributedTrainer:
         shard_spec = BenchmarkSpec(**{**spec.__dict__, "seed": spec.seed + dist_context.dp_rank})
         input_ids, labels = synthetic_batch(shard_spec)
         self.batch = {"input_ids": input_ids, "labels": labels}
+        self.dp_size = dist_context.dp_size
         self.schedule = None
         if dist_context.pp_size > 1:
             self.schedule = build_pipeline_schedule(
@@ -85,9 +86,12 @@ class DistributedTrainer:
             result = self.schedule.step(self.batch)
             return result.loss
         out = self.module(**self.batch)
-        loss = out["logps"].mean()
+        # Gradients are summed over data-parallel ranks, so normalise by the global token
+        # count (every rank holds the same number of valid tokens here): the gradient is
+        # then the single-device one, as under the pipeline schedule's loss.
+        loss = out["logps"].mean() / self.dp_size
         loss.backward()
-        return loss.detach()
+        return loss.detach() * self.dp_size
 
     def optimizer_step(self) -> None:
         """AdamW step, then gradients to ``None``."""

@@ -7,7 +7,8 @@ them several times in eager mode. Here:
 * the logits stay in the matmul dtype; the fp32 math (``logsumexp``, the pick, and in
   backward ``softmax - onehot``) happens inside two small kernels
   (:class:`NLLKernels`), which the compile layer swaps for fused ``torch.compile``d
-  versions so fp32 logits are never materialised;
+  versions so fp32 logits are never materialised (the eager kernels make transient
+  fp32 copies of one chunk);
 * when the logits of the whole batch fit in the caller's budget they are kept for
   backward (three head matmuls, like the naive path); otherwise the tokens are processed
   in chunks that fit, only the per-token ``logsumexp`` is kept, and backward recomputes
@@ -57,7 +58,8 @@ def _grad_logits_inplace(
 ) -> torch.Tensor:
     # Same math for eager mode: in-place on one fp32 buffer instead of a one-hot matrix.
     ignored = labels == ignore_index
-    probs = (logits.float() - lse.unsqueeze(-1)).exp_()
+    # One fp32 buffer for the whole computation (copy=True: fp32 logits are not touched).
+    probs = logits.to(torch.float32, copy=True).sub_(lse.unsqueeze(-1)).exp_()
     minus_one = torch.full_like(lse, -1.0).unsqueeze(-1)
     probs.scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), minus_one)
     probs.mul_(grad_nll.float().masked_fill(ignored, 0.0).unsqueeze(-1))

@@ -39,6 +39,10 @@ class RotaryEmbeddingProvider(nn.Module):
         self.register_buffer("cos", torch.empty(max_position_ids, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_position_ids, head_dim), persistent=False)
         self.reset_parameters()
+        # The tables are not in the state dict, so a module materialised with to_empty and
+        # then filled by any loader (load_state_dict, DCP, HF) would keep garbage tables:
+        # rebuild them after every load.
+        self.register_load_state_dict_post_hook(lambda module, _: module.reset_parameters())
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -191,6 +191,21 @@ def test_rope_tables_are_rebuilt_by_reset_parameters_after_to_empty():
         assert torch.equal(got, want)
 
 
+def test_rope_tables_are_rebuilt_by_load_state_dict_without_reset_parameters():
+    # DESIGN step 6: to_empty, then reset_parameters() *or* load a checkpoint. A loader
+    # never sees the non-persistent tables, so loading must rebuild them.
+    params = small_causal_lm_params(num_hidden_layers=1)
+    eager = build(Qwen3DenseForCausalLM, params)
+    with torch.device("meta"):
+        late = build(Qwen3DenseForCausalLM, params)
+    late.to_empty(device="cpu")
+    for buffer in late.buffers():
+        buffer.fill_(float("nan"))
+    late.load_state_dict(eager.state_dict())
+    for got, want in zip(late.buffers(), eager.buffers(), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_non_persistent_buffers_are_not_in_the_state_dict():
     model = build(Qwen3DenseForCausalLM, small_causal_lm_params(num_hidden_layers=1))
     buffers = dict(model.named_buffers())
