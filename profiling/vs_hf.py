@@ -23,6 +23,7 @@ from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
 from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
 from d9d.pipelining.api import PipelineStageInfo
+from d9d.profiling.benchmark import make_adamw
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt, _ = make_adamw(model.parameters(), lr=1e-5)
 
     def step() -> float:
         start = time.perf_counter()
