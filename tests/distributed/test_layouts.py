@@ -105,6 +105,7 @@ def _check_checkpoint(per_rank: list[dict]) -> None:
     reference = set(per_rank[0]["reference_keys"])
     for r in per_rank:
         assert r["mismatched"] == [], "a tensor changed in the round trip"
+        assert r["rope_tables_rebuilt"], "RoPE tables not rebuilt by the checkpoint load"
         # Stored under the SPEC names, whatever the layout.
         assert set(r["stored_keys"]) == reference
     assert {n for r in per_rank for n in r["loaded_names"]} == reference
