@@ -21,68 +21,6 @@ _HF_SCORE = "score.weight"
 _D9D_SCORE = "cls_head.score.weight"
 
 
-def _split_rows(tensor: torch.Tensor, params: Qwen3DenseParameters) -> dict[str, torch.Tensor]:
-    sizes = [params.split_vocab_size[name] for name in params.split_vocab_order]
-    if tensor.shape[0] != sum(sizes):
-        raise ValueError(
-            f"vocabulary tensor has {tensor.shape[0]} rows, expected {sum(sizes)} "
-            f"(split_vocab_size={params.split_vocab_size})"
-        )
-    return dict(zip(params.split_vocab_order, torch.split(tensor, sizes, dim=0), strict=True))
-
-
-def state_dict_from_hf(
-    hf_state_dict: dict[str, torch.Tensor], params: Qwen3DenseParameters
-) -> dict[str, torch.Tensor]:
-    """Renames (and splits by vocabulary) an HF Qwen3 state dict into d9d names.
-
-    Args:
-        hf_state_dict: Tensors named as in HF ``Qwen3ForCausalLM`` or
-            ``Qwen3ForSequenceClassification``.
-        params: The backbone parameters (for the vocabulary splits).
-
-    Returns:
-        A state dict loadable into ``Qwen3DenseForCausalLM`` /
-        ``Qwen3DenseForClassification``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in hf_state_dict.items():
-        if key == _HF_EMBED:
-            for name, part in _split_rows(value, params).items():
-                out[f"model.embed_tokens.token_embedding.{name}.weight"] = part
-        elif key == _HF_LM_HEAD:
-            for name, part in _split_rows(value, params).items():
-                out[f"lm_head.lm_head.{name}.weight"] = part
-        elif key == _HF_SCORE:
-            out[_D9D_SCORE] = value
-        else:
-            out[key] = value
-    return out
-
-
-def state_dict_to_hf(
-    state_dict: dict[str, torch.Tensor], params: Qwen3DenseParameters
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`state_dict_from_hf`: concatenates splits and renames to HF names."""
-    out: dict[str, torch.Tensor] = {}
-    embed: dict[str, torch.Tensor] = {}
-    head: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith("model.embed_tokens.token_embedding."):
-            embed[key.split(".")[3]] = value
-        elif key.startswith("lm_head.lm_head."):
-            head[key.split(".")[2]] = value
-        elif key == _D9D_SCORE:
-            out[_HF_SCORE] = value
-        else:
-            out[key] = value
-    for parts, hf_key in ((embed, _HF_EMBED), (head, _HF_LM_HEAD)):
-        if parts:
-            out[hf_key] = torch.cat([parts[name] for name in params.split_vocab_order], dim=0)
-    return out
-
-
-HF_EMBED_KEY = _HF_EMBED
 HF_LM_HEAD_KEY = _HF_LM_HEAD
 HF_SCORE_KEY = _HF_SCORE
 
@@ -156,4 +94,54 @@ def hf_tensor_parts(keys: list[str], params: Qwen3DenseParameters) -> dict[str, 
         if hf_key in out:
             prefix = _D9D_EMBED_PREFIX if hf_key == _HF_EMBED else _D9D_LM_HEAD_PREFIX
             out[hf_key].sort(key=lambda k, p=prefix: order[k[len(p) : -len(".weight")]])
+    return out
+
+
+def _d9d_keys_of(hf_key: str, params: Qwen3DenseParameters) -> list[str]:
+    if hf_key == _HF_EMBED:
+        return [f"{_D9D_EMBED_PREFIX}{name}.weight" for name in params.split_vocab_order]
+    if hf_key == _HF_LM_HEAD:
+        return [f"{_D9D_LM_HEAD_PREFIX}{name}.weight" for name in params.split_vocab_order]
+    return [_D9D_SCORE if hf_key == _HF_SCORE else hf_key]
+
+
+def state_dict_from_hf(
+    hf_state_dict: dict[str, torch.Tensor], params: Qwen3DenseParameters
+) -> dict[str, torch.Tensor]:
+    """Renames (and splits by vocabulary) an HF Qwen3 state dict into d9d names.
+
+    Args:
+        hf_state_dict: Tensors named as in HF ``Qwen3ForCausalLM`` or
+            ``Qwen3ForSequenceClassification``.
+        params: The backbone parameters (for the vocabulary splits).
+
+    Returns:
+        A state dict loadable into ``Qwen3DenseForCausalLM`` /
+        ``Qwen3DenseForClassification``.
+
+    Raises:
+        ValueError: If a vocabulary tensor's row count is not the total split size.
+    """
+    vocab_size = params.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    for hf_key, value in hf_state_dict.items():
+        if hf_key in (_HF_EMBED, _HF_LM_HEAD) and value.shape[0] != vocab_size:
+            raise ValueError(
+                f"vocabulary tensor {hf_key!r} has {value.shape[0]} rows, expected "
+                f"{vocab_size} (split_vocab_size={params.split_vocab_size})"
+            )
+        for key in _d9d_keys_of(hf_key, params):
+            _, rows = hf_source_of(key, params)
+            out[key] = value if rows is None else value[rows[0] : rows[1]]
+    return out
+
+
+def state_dict_to_hf(
+    state_dict: dict[str, torch.Tensor], params: Qwen3DenseParameters
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_dict_from_hf`: concatenates splits and renames to HF names."""
+    out: dict[str, torch.Tensor] = {}
+    for hf_key, keys in hf_tensor_parts(list(state_dict), params).items():
+        parts = [state_dict[key] for key in keys]
+        out[hf_key] = parts[0] if hf_key not in (_HF_EMBED, _HF_LM_HEAD) else torch.cat(parts)
     return out
