@@ -21,8 +21,14 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.pipelining.api import PipelineStageInfo
-from tests.compile.helpers import TINY, build_causal_lm, make_batch, train_step
-from tests.conftest import small_classification_params, small_model_params
+from tests.helpers import (
+    TINY,
+    build_causal_lm,
+    make_batch,
+    small_classification_params,
+    small_model_params,
+    train_step,
+)
 
 # Everything at once, traced by dynamo without inductor.
 ALL_STEPS = CompileConfig(

@@ -8,7 +8,7 @@ import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 from d9d.compile import CompileConfig, apply_compile_config
-from tests.compile.helpers import SavedActivationBytes, build_causal_lm, make_batch
+from tests.helpers import SavedActivationBytes, build_causal_lm, make_batch
 
 NUM_LAYERS = 2
 POLICIES = {

@@ -20,7 +20,7 @@ from d9d.compile import (
     get_compile_report,
     load_compile_config,
 )
-from tests.compile.helpers import build_causal_lm, train_step
+from tests.helpers import build_causal_lm, train_step
 
 PRESETS = sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
 

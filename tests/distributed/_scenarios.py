@@ -1,4 +1,4 @@
-"""Scenarios run inside spawned gloo ranks (see ``_harness.run_spawned``).
+"""Scenarios run inside spawned gloo ranks (see ``tests.helpers.run_spawned``).
 
 Every layout is compared with a single-process reference model holding the same
 weights and fed the same *global* batch: the reference is rebuilt on every rank (the
@@ -29,8 +29,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
-from tests.conftest import small_causal_lm_params, small_classification_params
-from tests.distributed._harness import fresh_subdir
+from tests.helpers import fresh_subdir, guarded, small_causal_lm_params, small_classification_params
 
 GLOBAL_BATCH = 8
 SEQ = 8
@@ -523,21 +522,22 @@ FOUR_RANK_LAYOUTS = {
 
 def two_rank_job(workdir: str, names: list[str]) -> dict:
     """Every 2-rank layout in ``names``, the user errors and a checkpoint round trip."""
-    results = {name: run_layout(**TWO_RANK_LAYOUTS[name]) for name in names}
-    results["errors"] = expected_errors()
-    results["float8 all-gather dp_shard=2"] = float8_all_gather()
-    results["checkpoint dp_shard=2 -> pp=2"] = checkpoint_round_trip(
-        workdir, dict(data_parallel_shard=2), dict(pipeline_parallel=2)
+    results = {name: guarded(run_layout, **TWO_RANK_LAYOUTS[name]) for name in names}
+    results["errors"] = guarded(expected_errors)
+    results["float8 all-gather dp_shard=2"] = guarded(float8_all_gather)
+    results["checkpoint dp_shard=2 -> pp=2"] = guarded(
+        checkpoint_round_trip, workdir, dict(data_parallel_shard=2), dict(pipeline_parallel=2)
     )
     return results
 
 
 def four_rank_job(workdir: str, names: list[str]) -> dict:
     """Every 4-rank layout in ``names`` and a checkpoint round trip."""
-    results = {name: run_layout(**FOUR_RANK_LAYOUTS[name]) for name in names}
-    results["hsdp dp_replicate=2 x cp_replicate=2"] = hsdp_two_replicate_dims()
+    results = {name: guarded(run_layout, **FOUR_RANK_LAYOUTS[name]) for name in names}
+    results["hsdp dp_replicate=2 x cp_replicate=2"] = guarded(hsdp_two_replicate_dims)
     results["checkpoint dp_replicate=2 x dp_shard=2 -> pp=2 (2 stages/rank) x dp_shard=2"] = (
-        checkpoint_round_trip(
+        guarded(
+            checkpoint_round_trip,
             workdir,
             dict(data_parallel_replicate=2, data_parallel_shard=2),
             dict(pipeline_parallel=2, data_parallel_shard=2),

@@ -8,8 +8,8 @@ worst: ~5e-7 on the loss, ~3e-8 on a gradient); bf16 parameters are compared loo
 
 import pytest
 
-from tests.distributed._harness import run_spawned
 from tests.distributed._scenarios import FOUR_RANK_LAYOUTS, TWO_RANK_LAYOUTS
+from tests.helpers import run_spawned, scenario_result
 
 FP32_LOSS_TOL = 5e-6
 FP32_GRAD_TOL = 1e-6
@@ -64,12 +64,12 @@ def _check_layout(name: str, spec: dict, per_rank: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", list(TWO_RANK_LAYOUTS))
 def test_two_rank_layout_matches_reference(two_rank, name):
-    _check_layout(name, TWO_RANK_LAYOUTS[name], [r[name] for r in two_rank])
+    _check_layout(name, TWO_RANK_LAYOUTS[name], scenario_result(two_rank, name))
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANK_LAYOUTS))
 def test_four_rank_layout_matches_reference(four_rank, name):
-    _check_layout(name, FOUR_RANK_LAYOUTS[name], [r[name] for r in four_rank])
+    _check_layout(name, FOUR_RANK_LAYOUTS[name], scenario_result(four_rank, name))
 
 
 def test_compile_sac_layers_compile_once_with_fsdp_outside(two_rank):
@@ -78,8 +78,8 @@ def test_compile_sac_layers_compile_once_with_fsdp_outside(two_rank):
     compiled = [name for name in TWO_RANK_LAYOUTS if "compile_sac" in name]
     assert compiled
     for name in compiled:
-        for r in two_rank:
-            assert r[name]["graph_breaks"] == 0
+        for r in scenario_result(two_rank, name):
+            assert r["graph_breaks"] == 0
             # One layer graph serves every layer; a rank holding the LM head also compiles
             # the two fused loss kernels (d9d.module.block.chunked_nll).
             assert r[name]["new_graphs"] <= 1 + 2, "one graph must serve every layer"
@@ -87,7 +87,7 @@ def test_compile_sac_layers_compile_once_with_fsdp_outside(two_rank):
 
 
 def test_user_errors(two_rank):
-    errors = two_rank[0]["errors"]
+    errors = scenario_result(two_rank, "errors")[0]
     assert "world size is 2" in errors["bad_product"]
     for key, message in errors.items():
         assert message is not None, f"{key} did not raise ValueError"
@@ -112,17 +112,16 @@ def _check_checkpoint(per_rank: list[dict]) -> None:
 
 
 def test_checkpoint_dp_shard_to_pp(two_rank):
-    _check_checkpoint([r["checkpoint dp_shard=2 -> pp=2"] for r in two_rank])
+    _check_checkpoint(scenario_result(two_rank, "checkpoint dp_shard=2 -> pp=2"))
 
 
 def test_checkpoint_hsdp_to_interleaved_pp_x_fsdp(four_rank):
     key = "checkpoint dp_replicate=2 x dp_shard=2 -> pp=2 (2 stages/rank) x dp_shard=2"
-    _check_checkpoint([r[key] for r in four_rank])
+    _check_checkpoint(scenario_result(four_rank, key))
 
 
 def test_float8_all_gather(two_rank):
-    for r in two_rank:
-        result = r["float8 all-gather dp_shard=2"]
+    for result in scenario_result(two_rank, "float8 all-gather dp_shard=2"):
         # Weights really travel as float8, and scales are precomputed after each step.
         assert result["gathered_dtypes"] == ["torch.float8_e4m3fn"]
         assert result["num_float8_gathers"] > 0
@@ -132,8 +131,7 @@ def test_float8_all_gather(two_rank):
 
 
 def test_hsdp_flattens_two_replicate_dims_and_sums(four_rank):
-    for r in four_rank:
-        result = r["hsdp dp_replicate=2 x cp_replicate=2"]
+    for result in scenario_result(four_rank, "hsdp dp_replicate=2 x cp_replicate=2"):
         assert result["mesh_shape"] == [4, 1]
         assert result["placements"] == ["R", "S(0)"]  # (replicate, shard) HSDP
         assert result["grad_diff"] <= 1e-5

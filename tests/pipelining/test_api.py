@@ -16,8 +16,13 @@ from d9d.pipelining.api import (
     PipelineStageInfo,
     distribute_layers_for_pipeline_stage,
 )
-from tests.conftest import small_causal_lm_params, small_classification_params, small_model_params
-from tests.module.model._qwen3_dense_utils import build, random_ids
+from tests.helpers import (
+    build,
+    random_ids,
+    small_causal_lm_params,
+    small_classification_params,
+    small_model_params,
+)
 
 # --- PipelineStageInfo -------------------------------------------------------------------
 

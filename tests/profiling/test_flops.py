@@ -11,7 +11,7 @@ from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.flops import matmul_parameter_count, training_flops_per_token
 from d9d.profiling.model_presets import get_model_preset
-from tests.conftest import small_causal_lm_params
+from tests.helpers import small_causal_lm_params
 
 BATCH, SEQ = 2, 24
 

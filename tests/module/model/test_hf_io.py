@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from transformers import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 
 from d9d.compile import apply_compile_config, load_compile_config
 from d9d.dataset import token_pooling_mask_from_attention_mask
@@ -25,37 +25,22 @@ from d9d.module.model.qwen3_dense.hf_config import (
 )
 from d9d.module.model.qwen3_dense.hf_io import load_hf_checkpoint, save_hf_checkpoint
 from d9d.pipelining.api import PipelineStageInfo
-from tests.module.model._qwen3_dense_utils import randomize_
+from tests.helpers import (
+    HF_PAD,
+    HF_SPLITS,
+    HF_VOCAB,
+    assert_close_scaled,
+    hf_folder_config,
+    hf_nll,
+    hf_tokens,
+    save_random_hf,
+)
 
-VOCAB = 96
-# Two vocabulary splits in non-alphabetical order: rows of the HF matrices map to splits.
-SPLITS = {"split_vocab_size": {"text": 70, "special": 26}, "split_vocab_order": ["text", "special"]}
-PAD = 3
-
-
-def _hf_config(**kwargs) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        # Not HF's default base, so a loader that ignored the config would show up.
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-        pad_token_id=PAD,
-        **kwargs,
-    )
-
-
-def _save(model, folder, max_shard_size="50MB"):
-    torch.manual_seed(1)
-    randomize_(model)
-    model.eval().save_pretrained(folder, max_shard_size=max_shard_size)
-    return model
+VOCAB = HF_VOCAB
+SPLITS = HF_SPLITS
+PAD = HF_PAD
+_hf_config = hf_folder_config
+_save = save_random_hf
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +77,8 @@ def _load_causal(folder, stage=None) -> Qwen3DenseForCausalLM:
     return model
 
 
-def _tokens():
-    torch.manual_seed(2)
-    ids = torch.randint(0, VOCAB, (3, 21))
-    ids[0, 0], ids[1, 1] = VOCAB - 1, 0  # both ends of the vocabulary (both splits)
-    return ids
-
-
-@torch.no_grad()
-def _hf_nll(hf_model, ids) -> torch.Tensor:
-    logits = hf_model(ids[:, :-1]).logits.double()
-    return torch.logsumexp(logits, -1) - logits.gather(-1, ids[:, 1:, None])[..., 0]
+_tokens = hf_tokens
+_hf_nll = hf_nll
 
 
 @torch.no_grad()
@@ -111,9 +87,7 @@ def _our_nll(model, ids) -> torch.Tensor:
 
 
 def _assert_close(actual, expected, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= 1e-5 * max(1.0, scale), f"{what}: max abs error {err:.3e} (scale {scale:.2f})"
+    assert_close_scaled(actual, expected, what)
 
 
 def _reload_hf(cls, folder):

@@ -18,9 +18,15 @@ from d9d.module.model.qwen3_dense import (
 )
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf, state_dict_to_hf
 from d9d.pipelining.api import ModuleSupportsPipelining, PipelineStageInfo
-from tests.conftest import small_causal_lm_params, small_classification_params, small_model_params
-from tests.module.model._qwen3_dense_utils import build, random_ids, randomize_
-from tests.module.model.test_qwen3_dense_parity import hf_config
+from tests.helpers import (
+    build,
+    hf_config,
+    random_ids,
+    randomize_,
+    small_causal_lm_params,
+    small_classification_params,
+    small_model_params,
+)
 
 LAYER_SUFFIXES = [
     "input_layernorm.weight",

@@ -9,7 +9,7 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseLayerParameters,
     Qwen3DenseParameters,
 )
-from tests.conftest import small_model_params
+from tests.helpers import small_model_params
 
 LAYER = {
     "hidden_size": 64,

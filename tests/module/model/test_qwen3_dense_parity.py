@@ -13,8 +13,15 @@ from transformers import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from d9d.dataset import token_pooling_mask_from_attention_mask
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf, state_dict_to_hf
-from tests.conftest import small_causal_lm_params, small_classification_params
-from tests.module.model._qwen3_dense_utils import build, hf_config, random_ids, randomize_, rel_err
+from tests.helpers import (
+    build,
+    hf_config,
+    random_ids,
+    randomize_,
+    rel_err,
+    small_causal_lm_params,
+    small_classification_params,
+)
 
 # Three splits whose order is neither alphabetical nor the dict's insertion order.
 THREE_SPLITS = {

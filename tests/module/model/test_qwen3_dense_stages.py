@@ -10,12 +10,14 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.pipelining.api import PipelineStageInfo
-from tests.conftest import small_causal_lm_params, small_classification_params, small_model_params
-from tests.module.model._qwen3_dense_utils import (
+from tests.helpers import (
     build,
     load_stage_from_full,
     random_ids,
     randomize_,
+    small_causal_lm_params,
+    small_classification_params,
+    small_model_params,
 )
 
 NUM_LAYERS = 8
