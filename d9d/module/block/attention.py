@@ -113,9 +113,18 @@ def _flex_attention(
     scale: float,
     enable_gqa: bool,
 ) -> torch.Tensor:
+    seq = q.shape[-2]
+    # The document block mask covers the sequence padded to whole blocks (see
+    # d9d.module.block.document_mask.flex_document_block_mask); padded keys belong to no
+    # real document, so real queries never see them.
+    pad = block_mask.seq_lengths[0] - seq
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     if torch.compiler.is_compiling():
         # Inside a compiled layer the call is traced into the layer's graph.
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    return _compiled_flex_attention()(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
-    )
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    else:
+        out = _compiled_flex_attention()(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+        )
+    return out[..., :seq, :] if pad else out

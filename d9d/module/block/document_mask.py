@@ -81,6 +81,10 @@ def sdpa_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_document & causal).unsqueeze(1)
 
 
+FLEX_BLOCK_SIZE = 128
+"""Block size of the FlexAttention masks (create_block_mask's default)."""
+
+
 @functools.cache
 def _compiled_create_block_mask():
     # Compiled, create_block_mask evaluates the mask_mod block by block instead of
@@ -100,16 +104,35 @@ def flex_document_block_mask(
         compiled: Build the mask with a compiled ``create_block_mask`` (no dense
             ``seq x seq`` mask). Defaults to ``True`` on CUDA; the eager build is
             exact too and avoids a compile on the CPU.
+
+    Returns:
+        A mask over ``seq`` rounded up to a multiple of :data:`FLEX_BLOCK_SIZE`
+        (``block_mask.seq_lengths``); pad q/k/v to that length before attending.
     """
     batch, seq = document_ids.shape
+    # torch 2.13's flex kernels read whole blocks past a sequence length that is not a
+    # multiple of the block size (garbage, even NaN, in the last rows on the CPU). The mask
+    # therefore covers the sequence padded to whole blocks; the padding gets document id
+    # -1, a document of its own that no real token sees, and ``GroupedQueryAttention``
+    # pads q/k/v to the same length (a no-op for the usual multiple-of-128 lengths).
+    padded_seq = seq + (-seq) % FLEX_BLOCK_SIZE
+    padded = torch.nn.functional.pad(document_ids, (0, padded_seq - seq), value=-1)
 
     def document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        return (q_idx >= kv_idx) & (padded[b, q_idx] == padded[b, kv_idx])
 
     if compiled is None:
         compiled = document_ids.device.type == "cuda"
     build = _compiled_create_block_mask() if compiled else create_block_mask
-    return build(document_causal, batch, None, seq, seq, device=document_ids.device)
+    return build(
+        document_causal,
+        batch,
+        None,
+        padded_seq,
+        padded_seq,
+        device=document_ids.device,
+        BLOCK_SIZE=FLEX_BLOCK_SIZE,
+    )
 
 
 def build_document_mask(
