@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile every config into a fresh inductor cache (full compile cost)",
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="train the same log-normal documents packed vs one per padded row: useful "
+        "tokens/s, per-document FLOPs and the document mask's cost (d9d/profiling/packed.py)",
+    )
     shape = parser.add_argument_group("model shape overrides (on top of --model)")
     for flag in _SHAPE_FLAGS:
         shape.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
@@ -219,6 +225,8 @@ def run(args) -> list[ProfileRecord]:
     )
     validate_spec(spec)
     configs, apply_compile_config = _load_configs(args.config)
+    if args.packed:
+        return _run_packed(args, spec, configs, apply_compile_config)
     if _is_distributed(args):
         from d9d.profiling.distributed import run_distributed
 
@@ -248,6 +256,37 @@ def run(args) -> list[ProfileRecord]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
+
+
+def _run_packed(args, spec, configs, apply_compile_config) -> list[ProfileRecord]:
+    """``--packed``: prints its own table (and JSON); returns no standard records."""
+    from d9d.profiling.packed import format_packed_table, run_packed_benchmark, write_packed_json
+
+    if _is_distributed(args):
+        raise UsageError("--packed runs in one process (no --pp/--dp-shard/--dp-replicate)")
+    float8 = {config.float8.enabled for config in configs.values()}
+    if len(float8) > 1:
+        raise UsageError("--packed: give configs that all enable float8, or none")
+    peak = resolve_peak_flops(
+        spec.device, spec.dtype, float8=float8.pop(), override_tflops=args.peak_tflops
+    )
+    records, corpus = run_packed_benchmark(
+        spec.params,
+        configs,
+        apply_compile_config,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        steps=spec.steps,
+        warmup=spec.warmup,
+        dtype=spec.dtype,
+        device=spec.device,
+        peak=peak,
+        seed=spec.seed,
+    )
+    print(format_packed_table(records, corpus))
+    if args.json is not None:
+        write_packed_json(args.json, records, corpus)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
