@@ -189,11 +189,9 @@ def _device(text: str | None) -> torch.device:
 
 
 def _load_configs(names: list[str]):
-    try:
-        from d9d.compile import apply_compile_config, load_compile_config
-    except ImportError as err:  # the compile layer is part of the package; say what broke
-        raise ValueError(f"d9d.compile is not importable: {err}") from None
-    return {name: load_compile_config(name) for name in names}, apply_compile_config
+    from d9d.compile import load_compile_config
+
+    return {name: load_compile_config(name) for name in names}
 
 
 def _is_distributed(args) -> bool:
@@ -218,7 +216,7 @@ def run(args) -> list[ProfileRecord]:
         cold_compile=args.cold_compile,
     )
     validate_spec(spec)
-    configs, apply_compile_config = _load_configs(args.config)
+    configs = _load_configs(args.config)
     if _is_distributed(args):
         from d9d.profiling.distributed import run_distributed
 
@@ -238,7 +236,7 @@ def run(args) -> list[ProfileRecord]:
 
         def make_trainer(config=config):
             try:
-                return SingleProcessTrainer(spec, config, apply_compile_config)
+                return SingleProcessTrainer(spec, config)
             except RuntimeError as err:
                 # apply_compile_config raises RuntimeError for float8 on unfit hardware.
                 raise ValueError(f"config {config.name}: {_one_line(err)}") from None
