@@ -247,7 +247,8 @@ def test_loads_through_compile_and_checkpoint_wrappers(untied):
     model = _build(Qwen3DenseForCausalLM, params)
     layers = model.model.layers
     for name in list(layers):
-        # The compile layer wraps each layer; names must still resolve to SPEC names.
+        # The compile layer wraps each layer; names must still resolve to the unwrapped
+        # checkpoint names (model.layers.<i>...).
         layers[name] = torch.compile(checkpoint_wrapper(layers[name]))
     load_hf_checkpoint(model, folder)
     reference = _load_causal(folder).state_dict()
