@@ -253,7 +253,10 @@ def _read_into(plan: _LoadPlan) -> None:
 
 
 def _post_fix(model: Qwen3DenseHFModel, plan: _LoadPlan) -> None:
-    """Rebuilds what the checkpoint does not hold: RoPE tables and, if asked, a new head."""
+    """Rebuilds what the checkpoint does not hold: RoPE tables and, if asked, a new head.
+
+    Also logs, on the last stage, that a tied checkpoint's LM head is now untied.
+    """
     for module in model.modules():
         if isinstance(module, RotaryEmbeddingProvider):
             module.reset_parameters()
