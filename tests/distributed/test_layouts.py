@@ -106,7 +106,8 @@ def _check_checkpoint(per_rank: list[dict]) -> None:
     for r in per_rank:
         assert r["mismatched"] == [], "a tensor changed in the round trip"
         assert r["rope_tables_rebuilt"], "RoPE tables not rebuilt by the checkpoint load"
-        # Stored under the SPEC names, whatever the layout.
+        # Stored under the unwrapped state-dict names (model.layers.<i>...), whatever the
+        # layout.
         assert set(r["stored_keys"]) == reference
     assert {n for r in per_rank for n in r["loaded_names"]} == reference
 
