@@ -58,9 +58,9 @@ def test_mfu_packed_cli_end_to_end(tmp_path):
     by_layout = {r["layout"]: r for r in data["records"]}
     assert set(by_layout) == {"padded", "packed"}
     # A row holds ~8 documents of mean 8 tokens when packed, one when padded.
-    assert by_layout["packed"]["slot_efficiency"] > 0.9 > 0.3 > by_layout["padded"][
-        "slot_efficiency"
-    ]
+    assert (
+        by_layout["packed"]["slot_efficiency"] > 0.9 > 0.3 > by_layout["padded"]["slot_efficiency"]
+    )
     # Fewer attention FLOPs per useful token than one S x S square per row.
     full = training_flops_per_token(get_model_preset("tiny").parameters(), 64).total
     assert by_layout["packed"]["flops_per_useful_token"] < full

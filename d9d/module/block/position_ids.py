@@ -59,3 +59,14 @@ def check_position_ids(
             f"position_ids must be < max_position_ids={max_position_ids}, got a maximum of {high}"
         )
     return bool(packed)
+
+
+def any_packed_row(position_ids: torch.Tensor) -> bool:
+    """Whether some row holds more than one document (one host sync; ``False`` on meta).
+
+    For callers that validated the values already (see :func:`check_position_ids`, which
+    answers the same question within its own sync).
+    """
+    if position_ids.device.type == "meta" or position_ids.numel() == 0:
+        return False
+    return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())

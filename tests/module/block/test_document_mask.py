@@ -12,7 +12,7 @@ from d9d.module.block.document_mask import (
     resolve_attention_backend,
     sdpa_document_mask,
 )
-from d9d.module.block.position_ids import check_position_ids
+from d9d.module.block.position_ids import any_packed_row, check_position_ids
 
 
 def positions(*rows):
@@ -85,6 +85,8 @@ def test_check_position_ids_reports_packing_and_rejects_bad_values():
     assert check_position_ids(positions([(0, 4)], [(7, 4)]), 2, 4, 16) is False
     assert check_position_ids(positions([(0, 2), (0, 2)]), 1, 4, 16) is True
     assert check_position_ids(positions([(0, 2), (0, 2)]), 1, 4, 16, check_values=False) is None
+    assert any_packed_row(positions([(0, 2), (0, 2)])) is True
+    assert any_packed_row(positions([(3, 4)])) is False
     meta = torch.empty(1, 4, dtype=torch.long, device="meta")
     assert check_position_ids(meta, 1, 4, 16) is None
     with pytest.raises(ValueError, match=r"position_ids shape \(1, 4\).*\(2, 4\)"):

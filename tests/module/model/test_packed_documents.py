@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from transformers import Qwen3ForCausalLM
 
 from d9d.compile import apply_compile_config, load_compile_config
+from d9d.core.checks import inputs_prevalidated
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.module.model.qwen3_dense.hf import state_dict_to_hf
 from tests.helpers import TINY, VOCAB, build, hf_config, randomize_, rel_err, small_causal_lm_params
@@ -130,7 +131,8 @@ def test_eager_packed_equals_each_document_alone(references, layout):
 def test_compile_sac_packed_equals_documents_without_breaks_or_recompiles(references):
     torch._dynamo.reset()
     counters.clear()
-    model = apply_compile_config(fresh_model(), load_compile_config("compile_sac"))
+    model = fresh_model()
+    apply_compile_config(model, load_compile_config("compile_sac"))
     batch, reference = references["A"]
     assert_matches(packed_step(model, batch), reference, "compile_sac layout A")
     graphs = counters["stats"]["unique_graphs"]
@@ -164,6 +166,20 @@ def test_packed_equals_hf_transformers_run_per_document():
     hf_grads = {name: p.grad for name, p in hf.named_parameters()}
     logps, grads = packed_step(model, batch)
     assert_matches((logps, state_dict_to_hf(grads, params().model)), (hf_logps, hf_grads), "HF")
+
+
+def test_packing_is_detected_inside_a_prevalidated_step():
+    # A training step validates its batch once and skips the per-forward value checks;
+    # the document mask must still be built.
+    model = fresh_model()
+    batch, _ = make_batch(LAYOUT_B, seed=4)
+    with torch.no_grad():
+        expected = model(**batch)["logps"]
+        with inputs_prevalidated():
+            actual = model(**batch)["logps"]
+            plain = model(input_ids=batch["input_ids"], labels=batch["labels"])["logps"]
+    assert torch.equal(actual, expected)
+    assert not torch.equal(plain, expected)
 
 
 def test_changing_one_document_changes_no_output_of_another():

@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
+from d9d.core.checks import value_checks_enabled
 from d9d.module.block.document_mask import (
     AttentionBackend,
     build_document_mask,
@@ -17,7 +18,7 @@ from d9d.module.block.hidden_states_aggregator import (
     create_hidden_states_aggregator,
 )
 from d9d.module.block.norm import RMSNorm
-from d9d.module.block.position_ids import check_position_ids
+from d9d.module.block.position_ids import any_packed_row, check_position_ids
 from d9d.module.block.rope import RotaryEmbeddingProvider
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
 from d9d.module.model.qwen3_dense.params import (
@@ -67,6 +68,7 @@ class Qwen3DenseModel(nn.Module):
             stage,
         )
         self.layer_start = start
+        self._compute_dtype: torch.dtype | None = None
         if stage.is_current_stage_first:
             self.embed_tokens = SplitTokenEmbeddings(
                 params.split_vocab_size, params.split_vocab_order, layer_params.hidden_size
@@ -114,8 +116,7 @@ class Qwen3DenseModel(nn.Module):
         if self.stage.is_current_stage_first:
             if input_ids is None:
                 raise ValueError("input_ids is required on the first pipeline stage")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}")
+            check_batch_shape(input_ids, "input_ids")
             hidden_states = self.embed_tokens(input_ids)
             aggregator.add_hidden_states(hidden_states)
         elif hidden_states is None:
@@ -123,6 +124,8 @@ class Qwen3DenseModel(nn.Module):
                 f"hidden_states is required on pipeline stage {self.stage.current_stage} "
                 "(only the first stage takes input_ids)"
             )
+        else:
+            check_batch_shape(hidden_states, "hidden_states", trailing_dims=1)
         batch, seq = hidden_states.shape[:2]
         position_embeddings, attention_mask = self._position_embeddings(
             position_ids, batch, seq, hidden_states
@@ -147,9 +150,10 @@ class Qwen3DenseModel(nn.Module):
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | BlockMask | None]:
         """RoPE ``(cos, sin)`` and the document mask shared by every layer of this stage.
 
-        ``position_ids=None`` costs no host sync; given ``position_ids`` are checked with
-        one host sync (range, and whether any row packs several documents). Only packed
-        batches get a mask; otherwise the layers run plain causal attention.
+        ``position_ids=None`` costs no host sync; given ``position_ids`` cost one host sync
+        (their range, unless the batch was validated once per step, and whether any row
+        packs several documents). Only packed batches get a mask; otherwise the layers
+        run plain causal attention.
         """
         max_pos = self.params.max_position_ids
         attention_mask = None
@@ -157,8 +161,16 @@ class Qwen3DenseModel(nn.Module):
             if seq > max_pos:
                 raise ValueError(f"sequence length {seq} exceeds max_position_ids={max_pos}")
             position_ids = torch.arange(seq, device=like.device).unsqueeze(0).expand(batch, seq)
-        elif check_position_ids(position_ids, batch, seq, max_pos):
-            attention_mask = build_document_mask(position_ids, self.attention_backend)
+        else:
+            # Inside inputs_prevalidated() the batch's values were checked once per step;
+            # whether a row is packed still takes one small sync per stage forward.
+            packed = check_position_ids(
+                position_ids, batch, seq, max_pos, check_values=value_checks_enabled()
+            )
+            if packed is None:
+                packed = any_packed_row(position_ids)
+            if packed:
+                attention_mask = build_document_mask(position_ids, self.attention_backend)
         cos, sin = self.rotary_emb(position_ids)
         return (cos.to(like.dtype), sin.to(like.dtype)), attention_mask
 
@@ -176,10 +188,19 @@ class Qwen3DenseModel(nn.Module):
 
     def output_dtype(self) -> torch.dtype:
         """Returns the data type of the model output hidden states."""
-        policy = getattr(self, "_d9d_compute_dtype", None)
-        if policy is not None:
-            return policy
+        if self._compute_dtype is not None:
+            return self._compute_dtype
         return next(self.parameters()).dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Declares the dtype this stage computes in, when it differs from its parameters'.
+
+        Under FSDP2 mixed precision (e.g. fp32 parameters, bf16 compute) activations leave
+        the stage in the compute dtype; pipeline metadata (``output_dtype``,
+        ``infer_stage_*``) must say so. ``d9d.stack.build_stage_modules`` calls this;
+        ``None`` goes back to the parameter dtype.
+        """
+        self._compute_dtype = dtype
 
     def reset_parameters(self) -> None:
         """Resets module parameters."""
@@ -245,6 +266,17 @@ class Qwen3DenseModel(nn.Module):
                 rows, batch, hidden, dtype=self.output_dtype(), device="meta"
             )
         return out
+
+
+def check_batch_shape(tensor: torch.Tensor, name: str, trailing_dims: int = 0) -> None:
+    """Raises ``ValueError`` unless ``tensor`` is ``(batch, seq, ...)`` with ``seq >= 1``."""
+    if tensor.dim() != 2 + trailing_dims:
+        dims = "(batch, seq" + ", hidden" * trailing_dims + ")"
+        raise ValueError(f"{name} must be {dims}, got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] == 0:
+        raise ValueError(
+            f"{name} has an empty sequence (shape {tuple(tensor.shape)}): seq must be >= 1"
+        )
 
 
 def _microbatch_shape(inputs: dict[str, torch.Tensor], n_microbatches: int) -> tuple[int, int]:
