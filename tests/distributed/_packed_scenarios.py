@@ -14,10 +14,10 @@ from torch.distributed.tensor import DTensor
 from d9d.core.dist_context import DeviceMeshParameters
 from d9d.dataset import pack_documents
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
-from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.stack import build_stage_modules
 from tests.helpers import guarded, small_causal_lm_params
 
 GLOBAL_BATCH = 8
@@ -72,21 +72,22 @@ def _reference():
     return model, batch, out["logps"].detach(), loss.detach(), grads
 
 
-def _build_stage(ctx, info, ref_state, compile_config):
-    with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(small_causal_lm_params(**MODEL_KW), info, "no", False)
+def _build_stages(ctx, ref_state, compile_config):
+    """This rank's stages through the one builder, then the reference weights loaded."""
     if compile_config is not None:
-        from d9d.compile import apply_compile_config, load_compile_config
+        from d9d.compile import load_compile_config
 
         compile_config = load_compile_config(compile_config)
-        apply_compile_config(model, compile_config)
-    parallelize_qwen3_dense_for_causal_lm(ctx, model, info, compile_config=compile_config)
-    model.to_empty(device=ctx.device)
-    model.reset_parameters()
-    set_model_state_dict(
-        model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
+    stack = build_stage_modules(
+        small_causal_lm_params(**MODEL_KW), compile_config, ctx, init="reset", seed=1
     )
-    return model
+    for model in stack.modules:
+        # set_model_state_dict replaces the values of the dict it is given by sharded
+        # copies: hand it a shallow copy so the reference stays plain.
+        set_model_state_dict(
+            model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    return stack.modules
 
 
 def run_packed_layout(mesh: dict, schedule: str | None = None, compile_config=None) -> dict:
@@ -100,7 +101,7 @@ def run_packed_layout(mesh: dict, schedule: str | None = None, compile_config=No
     rows = slice(ctx.dp_rank * local_batch, (ctx.dp_rank + 1) * local_batch)
     local = {k: v[rows] for k, v in batch.items()}
     infos = [PipelineStageInfo(s, ctx.pp_size) for s in ctx.local_pipeline_stages(1)]
-    models = [_build_stage(ctx, info, ref.state_dict(), compile_config) for info in infos]
+    models = _build_stages(ctx, ref.state_dict(), compile_config)
     loss_fn = CausalLMLoss()
     if schedule is None:
         (model,) = models
