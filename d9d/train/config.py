@@ -195,6 +195,8 @@ class TrainConfig(_Section):
             parameters, optimizer state and gradients (cheaper, less accurate).
         log_interval: Print and record every this many steps.
         num_threads: CPU threads per process (``None``: torch's default).
+        peak_tflops: Peak TFLOP/s per device for MFU (``None``: the datasheet value of a
+            known accelerator, or a measured GEMM peak on the CPU).
         model: See :class:`ModelSection`.
         data: See :class:`DataSection`.
         optimizer: See :class:`OptimizerSection`.
@@ -211,6 +213,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["bf16", "fp32", "pure_bf16"] = "fp32"
     log_interval: int = Field(default=1, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
+    peak_tflops: float | None = Field(default=None, gt=0)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)

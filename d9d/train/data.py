@@ -359,9 +359,18 @@ def tokenize_stdlib(
 ) -> Path:
     """Tokenizes the standard-library corpus into a cache; returns the token file."""
     files = stdlib_text_files()
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
     key = ["stdlib", sys.version] + [f"{f}:{f.stat().st_size}" for f in files]
     return tokenize_to_cache(
-        stdlib_text_documents, key, tokenizer, cache_dir, total=len(files), progress=progress
+        stdlib_text_documents,
+        key,
+        tokenizer,
+        cache_dir,
+        total=len(files) + len(topics),
+        progress=progress,
     )
 
 
