@@ -113,7 +113,10 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         ValueError: If the layout's process count is not the world size.
     """
     parallel = config.parallel
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel.world_size != world:
         raise ValueError(
             f"[parallel] describes {parallel.world_size} processes (pipeline_parallel="

@@ -1,0 +1,109 @@
+"""Training runs for the loop tests: a small real corpus, one tiny config, spawned layouts.
+
+The corpus is the byte-level tokenization of the pydoc topics (the language reference's
+prose, shipped with Python). Spawned functions run ``d9d.train.loop.Trainer`` in-process
+on gloo ranks started by ``tests.helpers.run_spawned``.
+"""
+
+from pathlib import Path
+
+from d9d.train.config import load_train_config
+from d9d.train.data import write_token_file
+from d9d.train.tokenizers import ByteTokenizer
+
+STEPS = 10
+LAYOUTS = {
+    "one process": {},
+    "dp_shard=2": {"parallel.data_parallel_shard": 2},
+    "pp=2 (1f1b)": {"parallel.pipeline_parallel": 2, "parallel.pipeline_schedule": "1f1b"},
+    "pp=2 x dp_shard=2": {"parallel.pipeline_parallel": 2, "parallel.data_parallel_shard": 2},
+}
+
+
+def write_corpus(folder: str | Path) -> Path:
+    """The pydoc topics as a byte-level token file in ``folder``."""
+    from pydoc_data.topics import topics
+
+    tok = ByteTokenizer()
+    docs = [list(topics[name].encode()) for name in sorted(topics)]
+    return write_token_file(Path(folder) / "topics.bin", docs, tok.eos_id, tok.vocab_size)
+
+
+def write_hf_init(folder: str | Path, corpus: Path) -> Path:
+    """An HF folder holding a randomly initialised model of the test shape.
+
+    Every layout starts from it, so their first losses agree whatever each layout's own
+    initialisation would do with sharded parameters.
+    """
+    import torch
+
+    from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+    from d9d.module.model.qwen3_dense.hf_io import save_hf_checkpoint
+    from d9d.pipelining.api import PipelineStageInfo
+    from d9d.train.loop import model_params_for
+
+    config = load_train_config(None, overrides(corpus, Path(folder) / "unused"))
+    params = model_params_for(config, ByteTokenizer().vocab_size)
+    torch.manual_seed(0)
+    model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+    model.reset_parameters()
+    save_hf_checkpoint(model, Path(folder) / "hf_init")
+    return Path(folder) / "hf_init"
+
+
+def overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
+    """``--set`` items of the tiny test run (fp32, eager, clipping active)."""
+    items = {
+        "steps": STEPS,
+        "seed": 3,
+        "output_dir": str(output_dir),
+        "num_threads": 1,
+        "peak_tflops": 1.0,  # no GEMM peak measurement in tests
+        "model.preset": "tiny",
+        "model.num_hidden_layers": 2,
+        "model.hidden_size": 32,
+        "model.intermediate_size": 64,
+        "model.num_attention_heads": 2,
+        "model.num_key_value_heads": 1,
+        "model.head_dim": 16,
+        "data.source": "tokens",
+        "data.paths": [str(corpus)],
+        "data.seq_len": 32,
+        "data.global_batch_size": 8,
+        "optimizer.lr": 3e-3,
+        "lr.warmup_steps": 3,
+        # Below the norms seen (about 1-3): every step is clipped.
+        "clip.max_norm": 0.5,
+        "checkpoint.save_final": False,
+        **extra,
+    }
+    return [f"{key}={_toml(value)}" for key, value in items.items()]
+
+
+def _toml(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def train_layouts(workdir: str, corpus: str, init: str, names: list[str]) -> dict:
+    """Runs each layout of ``names`` (all of this world size) for ``STEPS`` steps."""
+    from d9d.train.loop import Trainer
+
+    results = {}
+    for name in names:
+        items = overrides(Path(corpus), Path(workdir) / name.replace(" ", "_"))
+        items.append(f'model.init="{init}"')
+        items += [f"{k}={_toml(v)}" for k, v in LAYOUTS[name].items()]
+        trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
+        history = trainer.run()
+        results[name] = {
+            "loss": [m.loss for m in history],
+            "grad_norm": [m.grad_norm for m in history],
+            "lr": [m.lr for m in history],
+        }
+    return results
