@@ -107,3 +107,40 @@ def train_layouts(workdir: str, corpus: str, init: str, names: list[str]) -> dic
             "lr": [m.lr for m in history],
         }
     return results
+
+
+def bad_inputs(workdir: str, corpus: str, init: str) -> dict:
+    """Builds trainers from bad configs; returns each one's error message (or None)."""
+    import shutil
+
+    from d9d.train.loop import Trainer
+
+    base = overrides(Path(corpus), Path(workdir) / "bad")
+    results = {}
+
+    def attempt(name: str, *extra: str) -> None:
+        try:
+            Trainer(load_train_config(None, [*base, *extra]), log=lambda _m: None)
+        except ValueError as err:
+            results[name] = str(err)
+        else:
+            results[name] = None
+
+    attempt("small_corpus", "data.global_batch_size=100000")
+    attempt("vocab", "model.vocab_size=100")
+    attempt("missing_file", f'data.paths=["{workdir}/nope.bin"]')
+    attempt("microbatches", "parallel.n_microbatches=3")
+    attempt("layout", "parallel.data_parallel_shard=2")
+    # A checkpoint of another model in the run's folder.
+    good = Trainer(load_train_config(None, base), log=lambda _m: None)
+    good.save_checkpoint()
+    attempt("other_model", "model.hidden_size=64")
+    # A corrupted latest checkpoint names itself and the previous one.
+    good.step = 1
+    good.save_checkpoint()
+    latest = Path(workdir) / "bad" / "checkpoints" / "step-1"
+    for shard in latest.glob("*.distcp"):
+        shard.write_bytes(b"")
+    attempt("corrupted")
+    shutil.rmtree(Path(workdir) / "bad")
+    return results
