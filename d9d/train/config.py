@@ -73,7 +73,7 @@ class DataSection(_Section):
     token_dtype: Literal["uint16", "uint32"] = "uint16"
     text_key: str = "text"
     cache_dir: str | None = None
-    seq_len: int = Field(default=256, ge=1)
+    seq_len: int = Field(default=128, ge=1)
     global_batch_size: int = Field(default=16, ge=1)
     max_documents: int | None = Field(default=None, ge=1)
 
@@ -112,7 +112,7 @@ class LrSection(_Section):
     """
 
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(default=10, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     decay_steps: int | None = Field(default=None, ge=1)
 
@@ -206,7 +206,7 @@ class TrainConfig(_Section):
         checkpoint: See :class:`CheckpointSection`.
     """
 
-    steps: int = Field(default=200, ge=1)
+    steps: int = Field(default=300, ge=1)
     seed: int = 0
     output_dir: str = "runs/default"
     compile_preset: str = "eager"

@@ -5,7 +5,8 @@ batch shape, layout, checkpoint), builds this rank's pipeline stages with the tr
 stack's builder, and resumes from the latest complete checkpoint. ``Trainer.run()`` then
 steps: data -> forward/backward (a pipeline schedule when ``pipeline_parallel > 1``) ->
 clipping by the global norm -> AdamW (skipped on a non-finite norm) -> LR schedule ->
-one log line and one JSON line in ``<output_dir>/metrics.jsonl`` -> checkpoint.
+one log line and one JSON line in ``<output_dir>/metrics.jsonl`` -> checkpoint (its save
+time goes to ``<output_dir>/checkpoints.jsonl``).
 """
 
 import json
@@ -49,6 +50,7 @@ from d9d.train.mixed_precision import apply_mixed_precision
 from d9d.train.tokenizers import load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
 
 
 @dataclass
@@ -478,7 +480,12 @@ class Trainer:
             model_params=self._model_signature(),
             extra={"layout": self.config.parallel.model_dump()},
         )
-        self._log(f"saved {path} in {self.checkpoints.last_save_seconds:.2f} s")
+        seconds = self.checkpoints.last_save_seconds
+        self._log(f"saved {path} in {seconds:.2f} s")
+        if self.is_main:
+            with (self.output_dir / CHECKPOINTS_FILE).open("a") as f:
+                f.write(json.dumps({"step": self.step, "path": str(path), "seconds": seconds}))
+                f.write("\n")
         return path
 
     def run(self) -> list[StepMetrics]:

@@ -109,7 +109,7 @@ def train_layouts(workdir: str, corpus: str, init: str, names: list[str]) -> dic
     return results
 
 
-def bad_inputs(workdir: str, corpus: str, init: str) -> dict:
+def bad_inputs(workdir: str, corpus: str) -> dict:
     """Builds trainers from bad configs; returns each one's error message (or None)."""
     import shutil
 

@@ -6,20 +6,15 @@ import pytest
 
 from d9d.train.__main__ import main
 from tests.helpers import run_spawned
-from tests.train._loop_scenarios import write_corpus, write_hf_init
+from tests.train._loop_scenarios import write_corpus
 
 
 @pytest.fixture(scope="module")
 def errors(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("bad")
     corpus = write_corpus(folder)
-    init = write_hf_init(folder, corpus)
     (result,) = run_spawned(
-        1,
-        "tests.train._loop_scenarios:bad_inputs",
-        timeout_s=180,
-        corpus=str(corpus),
-        init=str(init),
+        1, "tests.train._loop_scenarios:bad_inputs", timeout_s=180, corpus=str(corpus)
     )
     return result
 
