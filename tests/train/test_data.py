@@ -124,3 +124,12 @@ def test_text_files_tokenized_once_and_cached(tmp_path):
         tokenize_text_files([tmp_path / "nope.txt"], tok, tmp_path / "cache")
     with pytest.raises(ValueError, match="no field 'body'"):
         tokenize_text_files([tmp_path / "b.jsonl"], tok, tmp_path / "c2", text_key="body")
+
+
+def test_stdlib_corpus_is_found():
+    from d9d.train.data import stdlib_text_files
+
+    files = stdlib_text_files()
+    names = {f.name for f in files}
+    assert {"os.py", "typing.py"} <= names
+    assert not any("site-packages" in f.parts for f in files)
