@@ -167,7 +167,7 @@ class CheckpointSection(_Section):
         resume: Resume from the latest complete checkpoint in ``folder`` if there is one.
         resume_from: Resume from this checkpoint folder instead of the latest.
         export_hf: At the end, write an HF folder to ``<output_dir>/hf`` (needs the
-            ``safetensors`` package).
+            ``safetensors`` package, checked before the first step).
         kill_after_save: Testing aid: SIGKILL this process right after the checkpoint of
             this step is complete (simulates a crash).
     """
@@ -178,7 +178,7 @@ class CheckpointSection(_Section):
     save_final: bool = True
     resume: bool = True
     resume_from: str | None = None
-    export_hf: bool = False
+    export_hf: bool = True
     kill_after_save: int | None = Field(default=None, ge=1)
 
 

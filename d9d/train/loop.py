@@ -209,6 +209,14 @@ class Trainer:
         self.ctx = build_dist_context(config)
         self.is_main = self.ctx.rank == 0
         self._log = log if self.is_main else (lambda _m: None)
+        if config.checkpoint.export_hf:
+            try:
+                import safetensors  # noqa: F401
+            except ImportError as err:
+                raise ValueError(
+                    "checkpoint.export_hf needs the 'safetensors' package (pip install "
+                    "'d9d[hf]'), or set checkpoint.export_hf=false"
+                ) from err
         self.output_dir = Path(config.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,7 @@ def overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
         # Below the norms seen (about 1-3): every step is clipped.
         "clip.max_norm": 0.5,
         "checkpoint.save_final": False,
+        "checkpoint.export_hf": False,
         **extra,
     }
     return [f"{key}={_toml(value)}" for key, value in items.items()]
@@ -134,6 +135,30 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     # A checkpoint of another model in the run's folder.
     good = Trainer(load_train_config(None, base), log=lambda _m: None)
     good.save_checkpoint()
+    # The HF export of that model holds the same weights.
+    exported = good.export_hf(Path(workdir) / "hf_export")
+    reloaded = {}
+    import safetensors.torch
+
+    for file in exported.glob("*.safetensors"):
+        reloaded.update(safetensors.torch.load_file(file))
+    own = {
+        k: v.full_tensor() if hasattr(v, "full_tensor") else v
+        for k, v in good.modules[0].state_dict().items()
+    }
+    results["export_matches"] = all(
+        bool(
+            (
+                reloaded[
+                    k.replace("embed_tokens.token_embedding.text", "embed_tokens").replace(
+                        "lm_head.lm_head.text", "lm_head"
+                    )
+                ]
+                == v
+            ).all()
+        )
+        for k, v in own.items()
+    ) and len(reloaded) == len(own)
     attempt("other_model", "model.hidden_size=64")
     # A corrupted latest checkpoint names itself and the previous one.
     good.step = 1

@@ -43,3 +43,7 @@ def test_unknown_config_key_on_the_command_line(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "run.toml" in err and "unknown key 'data.sequence_length'" in err
+
+
+def test_hf_export_holds_the_trained_weights(errors):
+    assert errors["export_matches"] is True
