@@ -160,6 +160,7 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
         for k, v in own.items()
     ) and len(reloaded) == len(own)
     attempt("other_model", "model.hidden_size=64")
+    results["nonfinite"] = _nonfinite_run(base)
     # A corrupted latest checkpoint names itself and the previous one.
     good.step = 1
     good.save_checkpoint()
@@ -169,3 +170,33 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     attempt("corrupted")
     shutil.rmtree(Path(workdir) / "bad")
     return results
+
+
+def _nonfinite_run(base: list[str]) -> dict:
+    # Poisoned gradients: every step's norm is NaN, so every optimizer step is skipped
+    # and the run stops after clip.max_consecutive_nonfinite of them.
+    import torch
+
+    from d9d.train.loop import Trainer
+
+    items = [*base, "clip.max_consecutive_nonfinite=2", "checkpoint.resume=false"]
+    trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
+    original = trainer._forward_backward
+
+    def poisoned(batch):
+        loss = original(batch)
+        for param in trainer.stages.parameters():
+            param.grad.fill_(float("nan"))
+        return loss
+
+    trainer._forward_backward = poisoned
+    before = [p.detach().clone() for p in trainer.stages.parameters()]
+    try:
+        trainer.run()
+        message = None
+    except RuntimeError as err:
+        message = str(err)
+    unchanged = all(
+        torch.equal(a, b.detach()) for a, b in zip(before, trainer.stages.parameters(), strict=True)
+    )
+    return {"message": message, "step": trainer.step, "unchanged": unchanged}

@@ -47,3 +47,13 @@ def test_unknown_config_key_on_the_command_line(tmp_path, capsys):
 
 def test_hf_export_holds_the_trained_weights(errors):
     assert errors["export_matches"] is True
+
+
+def test_non_finite_norms_skip_steps_then_stop(errors):
+    result = errors["nonfinite"]
+    assert (
+        result["message"] is not None
+        and "2 non-finite gradient norms in a row" in result["message"]
+    )
+    assert result["step"] == 2
+    assert result["unchanged"], "a skipped step must not touch the parameters"
