@@ -1,4 +1,4 @@
-"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
+r"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
 
 Runs real training steps (forward, backward, AdamW, zero-grad) on synthetic tokens for a
 model preset and one or more compile presets (``compile_configs/*.toml``) and prints one
@@ -6,7 +6,7 @@ row per preset. With no flags it benchmarks the ``cpu-small`` model on the CPU (
 first GPU) with a representative set of presets in about three minutes on two cores::
 
     python profiling/mfu.py
-    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \\
+    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
         --config eager compile compile_sac compile_sac_float8 --json out.json
 
 Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate`` every rank trains its part
@@ -189,11 +189,9 @@ def _device(text: str | None) -> torch.device:
 
 
 def _load_configs(names: list[str]):
-    try:
-        from d9d.compile import apply_compile_config, load_compile_config
-    except ImportError as err:  # the compile layer is part of the package; say what broke
-        raise ValueError(f"d9d.compile is not importable: {err}") from None
-    return {name: load_compile_config(name) for name in names}, apply_compile_config
+    from d9d.compile import load_compile_config
+
+    return {name: load_compile_config(name) for name in names}
 
 
 def _is_distributed(args) -> bool:
@@ -218,7 +216,7 @@ def run(args) -> list[ProfileRecord]:
         cold_compile=args.cold_compile,
     )
     validate_spec(spec)
-    configs, apply_compile_config = _load_configs(args.config)
+    configs = _load_configs(args.config)
     if _is_distributed(args):
         from d9d.profiling.distributed import run_distributed
 
@@ -238,7 +236,7 @@ def run(args) -> list[ProfileRecord]:
 
         def make_trainer(config=config):
             try:
-                return SingleProcessTrainer(spec, config, apply_compile_config)
+                return SingleProcessTrainer(spec, config)
             except RuntimeError as err:
                 # apply_compile_config raises RuntimeError for float8 on unfit hardware.
                 raise ValueError(f"config {config.name}: {_one_line(err)}") from None

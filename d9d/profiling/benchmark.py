@@ -33,9 +33,8 @@ from torch import nn
 from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.compile import CompileConfig
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
 from d9d.profiling.memory import (
@@ -46,6 +45,7 @@ from d9d.profiling.memory import (
 from d9d.profiling.peak import PeakFlops
 from d9d.profiling.report import ProfileRecord
 from d9d.profiling.timers import DeviceClock, StepTimes
+from d9d.stack import build_stage_modules
 
 
 @dataclass(frozen=True)
@@ -151,27 +151,17 @@ def synthetic_batch(spec: BenchmarkSpec) -> tuple[torch.Tensor, torch.Tensor]:
 class SingleProcessTrainer:
     """The whole causal LM in one process."""
 
-    def __init__(self, spec: BenchmarkSpec, compile_config, apply_config: Callable | None):
-        """Builds the model (meta -> dtype -> compile preset -> materialise) and AdamW.
+    def __init__(self, spec: BenchmarkSpec, compile_config: CompileConfig | None):
+        """Builds the model with ``d9d.stack.build_stage_modules`` and AdamW.
 
         Args:
             spec: The run.
             compile_config: The compile preset, or ``None`` for plain eager.
-            apply_config: ``d9d.compile.apply_compile_config`` (``None`` for eager).
         """
-        torch.manual_seed(spec.seed)
-        with torch.device("meta"):
-            model = Qwen3DenseForCausalLM(
-                spec.params,
-                PipelineStageInfo(0, 1),
-                HiddenStatesAggregationMode.no,
-                enable_checkpointing=False,
-            )
-        model.to(spec.dtype)
-        if compile_config is not None and apply_config is not None:
-            apply_config(model, compile_config)
-        model.to_empty(device=spec.device)
-        model.reset_parameters()
+        stack = build_stage_modules(
+            spec.params, compile_config, param_dtype=spec.dtype, device=spec.device, seed=spec.seed
+        )
+        (model,) = stack.modules
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]

@@ -20,16 +20,14 @@ import sys
 import torch
 import torch.distributed as dist
 
+from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
-from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
-from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.profiling.benchmark import BenchmarkSpec, make_adamw, run_benchmark, synthetic_batch
 from d9d.profiling.peak import PeakFlops, resolve_peak_flops
 from d9d.profiling.report import ProfileRecord
+from d9d.stack import build_stage_modules
 
 
 class DistributedTrainer:
@@ -39,33 +37,22 @@ class DistributedTrainer:
         self,
         spec: BenchmarkSpec,
         dist_context: DistributedContext,
-        compile_config,
-        apply_config,
+        compile_config: CompileConfig,
         n_microbatches: int,
     ):
-        """Builds the stage in the training stack's order and, for ``pp > 1``, a schedule.
+        """Builds the stage with ``d9d.stack.build_stage_modules`` (+ 1F1B for ``pp > 1``).
 
         Args:
             spec: The run (``batch_size`` is per data-parallel rank).
             dist_context: The distributed context.
             compile_config: The compile preset.
-            apply_config: ``d9d.compile.apply_compile_config``.
             n_microbatches: Pipeline microbatches (ignored without pipelining).
         """
-        (stage_index,) = dist_context.local_pipeline_stages(1)
-        stage = PipelineStageInfo(stage_index, dist_context.pp_size)
-        torch.manual_seed(spec.seed)
-        with torch.device("meta"):
-            model = Qwen3DenseForCausalLM(
-                spec.params, stage, HiddenStatesAggregationMode.no, enable_checkpointing=False
-            )
-        model.to(spec.dtype)
-        apply_config(model, compile_config)
-        parallelize_qwen3_dense_for_causal_lm(
-            dist_context, model, stage, compile_config=compile_config
+        stack = build_stage_modules(
+            spec.params, compile_config, dist_context, param_dtype=spec.dtype, seed=spec.seed
         )
-        model.to_empty(device=dist_context.device)
-        model.reset_parameters()
+        (model,) = stack.modules
+        (stage,) = stack.infos
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
@@ -155,8 +142,6 @@ def run_distributed(
             f"--pp/--dp-shard/--dp-replicate need torchrun: torchrun --nproc-per-node {world} "
             "profiling/mfu.py ..."
         )
-    from d9d.compile import apply_compile_config
-
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
         dist.init_process_group("gloo")
@@ -189,9 +174,7 @@ def run_distributed(
         record = run_benchmark(
             spec,
             config.name,
-            lambda config=config: DistributedTrainer(
-                spec, dist_context, config, apply_compile_config, n_microbatches
-            ),
+            lambda config=config: DistributedTrainer(spec, dist_context, config, n_microbatches),
             peak,
             float8=float8,
             world_size=world_size,
