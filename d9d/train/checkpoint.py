@@ -134,9 +134,11 @@ class CheckpointManager:
     """
 
     def __init__(self, folder: str | os.PathLike, *, keep_last: int = 2):
-        """Args:
-        folder: The run's checkpoint folder (shared by all ranks).
-        keep_last: How many complete checkpoints to keep.
+        """Points the manager at a folder (nothing is read or written yet).
+
+        Args:
+            folder: The run's checkpoint folder (shared by all ranks).
+            keep_last: How many complete checkpoints to keep.
         """
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -92,24 +91,11 @@ class StepMetrics:
         )
 
 
-def _init_world_of_one() -> None:
-    # Outside torchrun there is no rendezvous: a world of one on a free local port, so
-    # that FSDP2 mixed precision and DCP run exactly as under torchrun.
-    if dist.is_initialized() or "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group(
-        "gloo" if not torch.accelerator.is_available() else None,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-    )
-
-
 def build_dist_context(config: TrainConfig) -> DistributedContext:
     """The distributed context of the config's layout (a world of one without torchrun).
+
+    Outside ``torchrun`` the context is a world of one, so that FSDP2 mixed precision and
+    DCP run exactly as they do under ``torchrun``.
 
     Raises:
         ValueError: If the layout's process count is not the world size.
@@ -127,7 +113,6 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
             f"{world} were started; run it with torchrun --nproc-per-node "
             f"{parallel.world_size} -m d9d.train ..."
         )
-    _init_world_of_one()
     return DeviceMeshParameters(
         pipeline_parallel=parallel.pipeline_parallel,
         data_parallel_shard=parallel.data_parallel_shard,
