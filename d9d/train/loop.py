@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from d9d.compile import load_compile_config
+from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
 from d9d.module.model.qwen3_dense import (
     Qwen3DenseForCausalLM,
@@ -415,7 +416,10 @@ class Trainer:
         batch = {k: v.to(self.ctx.device) for k, v in self.data.next_batch().items()}
         data_seconds = time.perf_counter() - started
         lr = self.optimizers[0].param_groups[0]["lr"]
-        loss = self._forward_backward(batch)
+        # Every token id and position was checked against the model before the first
+        # step: the stages skip their per-microbatch value checks (host syncs).
+        with inputs_prevalidated():
+            loss = self._forward_backward(batch)
         clip_started = time.perf_counter()
         norm = clip_grad_norm_(
             self.stages.parameters(), self.config.clip.max_norm, pp_group=self.ctx.pp_group
