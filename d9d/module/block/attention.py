@@ -1,11 +1,11 @@
 """Grouped-query self-attention with per-head q/k RMSNorm (Qwen3 style)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d9d.module.block.norm import RMSNorm
 from d9d.module.block.rope import apply_rotary_pos_emb
+from d9d.module.block.sdpa_kernels import grouped_query_sdpa
 
 
 class GroupedQueryAttention(nn.Module):
@@ -53,14 +53,7 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         q = apply_rotary_pos_emb(q.transpose(1, 2), cos, sin)
         k = apply_rotary_pos_emb(k.transpose(1, 2), cos, sin)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_attention_heads != self.num_key_value_heads,
-        )
+        out = grouped_query_sdpa(q, k, v.transpose(1, 2), scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def reset_parameters(self) -> None:
