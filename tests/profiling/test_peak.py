@@ -152,3 +152,13 @@ def test_note_when_the_other_dtype_multiplies_faster_on_this_cpu(
         assert expected in note
         assert f"{max(measured.values()) / min(measured.values()):.1f}x" in note
     assert faster_dtype_note(torch.device("cuda"), run_dtype) is None
+
+
+def test_cpu_peak_measurement_stops_before_sizes_past_its_time_budget():
+    from d9d.profiling.peak import largest_measured_size
+
+    sizes = (64, 96, 4096)  # a 4096^3 matmul does not fit a zero budget
+    flops = measure_cpu_matmul_peak(torch.float64, sizes=sizes, repeats=1, budget_seconds=0.0)
+    assert flops > 0
+    assert largest_measured_size(torch.float64, sizes) == 64
+    assert largest_measured_size(torch.float16, sizes) is None
