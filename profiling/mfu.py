@@ -1,4 +1,4 @@
-"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
+r"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
 
 Runs real training steps (forward, backward, AdamW, zero-grad) on synthetic tokens for a
 model preset and one or more compile presets (``compile_configs/*.toml``) and prints one
@@ -8,7 +8,7 @@ the ``qwen3-1.7b`` shape at 1 x 4096 tokens (a CPU-sized model would only measur
 launches there)::
 
     python profiling/mfu.py
-    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \\
+    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
         --config eager compile compile_sac compile_sac_float8 --json out.json
 
 Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate`` every rank trains its part

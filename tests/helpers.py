@@ -119,6 +119,14 @@ def build_causal_lm(num_layers: int, enable_checkpointing: bool = False, device=
         )
 
 
+def with_compile_config(model: nn.Module, config) -> nn.Module:
+    """Applies ``config`` with ``d9d.compile.apply_compile_config``; returns ``model``."""
+    from d9d.compile import apply_compile_config
+
+    apply_compile_config(model, config)
+    return model
+
+
 def load_stage_from_full(stage_module: nn.Module, full_module: nn.Module) -> None:
     """Copies the weights of ``stage_module`` from the one-stage model, matched by name."""
     full = full_module.state_dict()

@@ -1,10 +1,11 @@
 """Sharded model checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
-A checkpoint is keyed by the SPEC state-dict names (``model.layers.<i>....``), whatever
-the layout that wrote it: FSDP2 shards, pipeline stages and the compile layer do not
-change names. DCP stores each tensor once, with its global shape, and reshards on load,
-so a checkpoint saved under one layout (say ``data_parallel_shard=2``) loads under
-another (say ``pipeline_parallel=2``). Every rank calls these functions together.
+A checkpoint is keyed by the model's unwrapped state-dict names (``model.layers.<i>....``,
+``model.norm.weight``, ...), whatever the layout that wrote it: FSDP2 shards, pipeline
+stages and the compile layer do not change names. DCP stores each tensor once, with its
+global shape, and reshards on load, so a checkpoint saved under one layout (say
+``data_parallel_shard=2``) loads under another (say ``pipeline_parallel=2``). Every rank
+calls these functions together.
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,7 @@
 """The one entry point that applies a compile preset to a model, in a fixed order.
 
-Order (DESIGN.md, steps 2-4; FSDP2 comes after, in ``d9d.module.parallelism``):
+Order (FSDP2 comes after, in ``d9d.module.parallelism``; ``d9d.stack`` runs the whole
+sequence):
     1. float8: swap eligible linears for torchao float8 linears;
     2. activation checkpointing around each ``Qwen3DenseLayer``;
     3. ``torch.compile`` of each ``Qwen3DenseLayer`` (regional).
@@ -10,6 +11,7 @@ and compile comes last so that both are traced into each layer's compiled region
 
 import dataclasses
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -30,7 +32,9 @@ from d9d.module.model.qwen3_dense.model import (
 
 logger = logging.getLogger(__name__)
 
-_APPLIED_ATTR = "_d9d_compile_report"
+# Which models a config was applied to, without writing anything onto the user's module
+# (weak: a model that is garbage-collected leaves the registry by itself).
+_applied: "weakref.WeakKeyDictionary[nn.Module, CompileReport]" = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -65,7 +69,7 @@ def _backbone(model: nn.Module) -> Qwen3DenseModel:
 
 
 def _validate(model: nn.Module, backbone: Qwen3DenseModel, config: CompileConfig) -> None:
-    previous = getattr(model, _APPLIED_ATTR, None)
+    previous = _applied.get(model)
     if previous is not None:
         raise ValueError(
             f"compile config {previous.config.name!r} was already applied to this model; "
@@ -93,7 +97,7 @@ def _validate(model: nn.Module, backbone: Qwen3DenseModel, config: CompileConfig
         )
 
 
-def apply_compile_config(model: nn.Module, config: CompileConfig) -> nn.Module:
+def apply_compile_config(model: nn.Module, config: CompileConfig) -> CompileReport:
     """Applies float8, the checkpoint policy and regional compile to ``model``, in place.
 
     Works on a whole model or one pipeline stage, and on a model built on ``meta`` (call
@@ -107,7 +111,7 @@ def apply_compile_config(model: nn.Module, config: CompileConfig) -> nn.Module:
         config: The compile config (see :func:`d9d.compile.load_compile_config`).
 
     Returns:
-        ``model`` itself. :func:`get_compile_report` tells what was applied.
+        What was applied (also available later from :func:`get_compile_report`).
 
     Raises:
         ValueError: If a config was already applied, ``memory_budget`` is asked without
@@ -143,10 +147,10 @@ def apply_compile_config(model: nn.Module, config: CompileConfig) -> nn.Module:
         if compile_loss_kernels(model, config.compile):
             logger.info("step 3/3: fused compiled kernels for the LM-head loss")
             report.steps.append("compile_loss")
-    setattr(model, _APPLIED_ATTR, report)
-    return model
+    _applied[model] = report
+    return report
 
 
 def get_compile_report(model: nn.Module) -> CompileReport | None:
     """Returns what :func:`apply_compile_config` did to ``model`` (``None`` if nothing)."""
-    return getattr(model, _APPLIED_ATTR, None)
+    return _applied.get(model)

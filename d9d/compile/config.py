@@ -1,17 +1,21 @@
 """The compile configuration: one validated object per ``compile_configs/*.toml`` preset.
 
-A preset drives steps 2–5 of the training stack (see DESIGN.md): float8 conversion, the
-activation-checkpoint policy, regional ``torch.compile`` and the FSDP2 mixed-precision
-settings that the distributed layer reads. Every section rejects unknown keys, and
-:func:`load_compile_config` names the file and the dotted key of every error.
+A preset drives the middle of the training stack's order (built by ``d9d.stack``):
+float8 conversion, the activation-checkpoint policy, regional ``torch.compile``, and the
+FSDP2 mixed-precision settings that the builder hands to the distributed layer. Every
+section rejects unknown keys, and :func:`load_compile_config` names the file and the
+dotted key of every error.
 """
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "compile_configs"
 """Folder of the named presets (``compile_configs/`` at the repository root)."""
@@ -164,6 +168,19 @@ class FsdpSection(_Section):
     def torch_reduce_dtype(self) -> torch.dtype | None:
         """Returns ``reduce_dtype`` as a ``torch.dtype`` (``None`` when unset)."""
         return None if self.reduce_dtype is None else getattr(torch, self.reduce_dtype)
+
+    @property
+    def is_mixed_precision(self) -> bool:
+        """Whether FSDP2 casts parameters or gradients (needs FSDP2, even on one process)."""
+        return self.param_dtype is not None or self.reduce_dtype is not None
+
+    def mp_policy(self) -> "MixedPrecisionPolicy":
+        """The FSDP2 ``MixedPrecisionPolicy`` of this section (no casting when unset)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=self.torch_param_dtype(), reduce_dtype=self.torch_reduce_dtype()
+        )
 
 
 class CompileConfig(_Section):

@@ -78,7 +78,8 @@ class DeviceMeshParameters(BaseModel):
         """Initialises the default process group if needed and builds the meshes.
 
         The backend is the device's default (NCCL on CUDA, gloo on CPU). Under
-        ``torchrun`` the accelerator of ``LOCAL_RANK`` becomes the current device.
+        ``torchrun`` the accelerator of ``LOCAL_RANK`` becomes the current device; a
+        process not started by ``torchrun`` becomes a world of one.
 
         Returns:
             The distributed context.
@@ -91,7 +92,15 @@ class DeviceMeshParameters(BaseModel):
             # NCCL-style backends bind each rank to the current device.
             torch.accelerator.set_device_index(device.index)
         if not dist.is_initialized():
-            dist.init_process_group(backend=dist.get_default_backend_for_device(device))
+            backend = dist.get_default_backend_for_device(device)
+            if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+                dist.init_process_group(backend=backend)
+            else:
+                # Not launched by torchrun: a world of one, so that FSDP2 (e.g. for mixed
+                # precision) and the rest of the stack run unchanged in a plain process.
+                dist.init_process_group(
+                    backend=backend, store=dist.HashStore(), rank=0, world_size=1
+                )
         world_size = dist.get_world_size()
         if self.world_size != world_size:
             raise ValueError(

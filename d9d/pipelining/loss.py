@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from d9d.module.block.head import IGNORE_INDEX
+from d9d.core.constants import IGNORE_INDEX
 
 
 @runtime_checkable

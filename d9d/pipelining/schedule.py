@@ -15,7 +15,9 @@ sends positional tensors between stages. ``build_pipeline_schedule`` bridges the
 Every rank of a pipeline calls ``PipelineSchedule.step`` with the same local batch.
 """
 
+import contextlib
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -30,6 +32,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
+from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DistributedContext
 from d9d.pipelining.api import ModuleSupportsPipelining, PipelineStageInfo
 from d9d.pipelining.loss import PipelineLoss
@@ -146,12 +149,16 @@ class PipelineSchedule:
         kind: PipelineScheduleKind,
         n_microbatches: int,
         loss: PipelineLoss,
+        example_shapes: dict[str, tuple[int, ...]],
+        validate_batch: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
     ):
         """Builds the torch schedule over ``stages`` (use ``build_pipeline_schedule``)."""
         self._dist_context = dist_context
         self._stages = stages
         self._loss = loss
         self.n_microbatches = n_microbatches
+        self._example_shapes = example_shapes
+        self._validate_batch = validate_batch
         self._global_count = torch.ones((), device=dist_context.device)
         # The last stage's dict is merged per key; snapshots are (layers, batch, hidden).
         self._output_names = stages[-1].output_names
@@ -196,12 +203,16 @@ class PipelineSchedule:
 
         Returns:
             The step result.
+
+        Raises:
+            ValueError: Before any communication, on every rank given the same batch: if
+                a key is missing or unexpected, if a shape differs from the example batch
+                the schedule was built for (the stages' buffers are sized by it), or if
+                the batch's values fail ``validate_batch``.
         """
-        if "input_ids" not in batch or self._loss.target_key not in batch:
-            raise ValueError(
-                f"the batch must hold 'input_ids' and {self._loss.target_key!r}, "
-                f"got {sorted(batch)}"
-            )
+        self._check_batch(batch)
+        if self._validate_batch is not None:
+            self._validate_batch(batch)
         target = batch[self._loss.target_key]
         count = self._loss.count(target).to(self._dist_context.device, torch.float32)
         dist.all_reduce(count, group=self._dist_context.dp_group)
@@ -210,13 +221,19 @@ class PipelineSchedule:
         has_first = any(stage.is_first for stage in self._stages)
         args = (batch["input_ids"],) if has_first else ()
         losses: list[torch.Tensor] = []
-        merged = self._schedule.step(
-            *args,
-            target=target,
-            losses=losses,
-            return_outputs=return_outputs,
-            **side_inputs,
+        # The batch was validated as a whole: the stages skip their per-microbatch checks
+        # (each one a host sync).
+        prevalidated = (
+            inputs_prevalidated() if self._validate_batch is not None else contextlib.nullcontext()
         )
+        with prevalidated:
+            merged = self._schedule.step(
+                *args,
+                target=target,
+                losses=losses,
+                return_outputs=return_outputs,
+                **side_inputs,
+            )
         if not self.has_last_stage:
             return PipelineStepResult(loss=None)
         loss = torch.stack(losses).sum().detach()
@@ -224,6 +241,39 @@ class PipelineSchedule:
         if return_outputs:
             merged = dict(zip(self._output_names, merged, strict=True))
         return PipelineStepResult(loss=loss, outputs=merged if return_outputs else None)
+
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        expected = self._example_shapes
+        required = {"input_ids", self._loss.target_key}
+        missing = sorted((required | expected.keys()) - batch.keys())
+        unexpected = sorted(batch.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(
+                f"the batch keys {sorted(batch)} differ from those the schedule was built "
+                f"for {sorted(expected)}: missing {missing}, unexpected {unexpected}"
+            )
+        rows = batch["input_ids"].shape[0] if batch["input_ids"].dim() else None
+        expected_rows = expected["input_ids"][0]
+        if rows != expected_rows:
+            raise ValueError(
+                f"batch size {rows} does not match the schedule's: it was built for "
+                f"{expected_rows} rows (n_microbatches={self.n_microbatches} of "
+                f"{expected_rows // self.n_microbatches} rows); build a schedule for "
+                "this batch size, or pad the batch"
+            )
+        wrong = {
+            key: (tuple(batch[key].shape), shape)
+            for key, shape in expected.items()
+            if tuple(batch[key].shape) != shape
+        }
+        if wrong:
+            details = ", ".join(
+                f"{key} {got} (expected {want})" for key, (got, want) in wrong.items()
+            )
+            raise ValueError(
+                f"batch shapes differ from the example batch the schedule was built for "
+                f"(n_microbatches={self.n_microbatches}): {details}"
+            )
 
 
 def build_pipeline_schedule(
@@ -234,6 +284,7 @@ def build_pipeline_schedule(
     n_microbatches: int,
     loss: PipelineLoss,
     kind: PipelineScheduleKind | str = PipelineScheduleKind.one_f_one_b,
+    validate_batch: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
 ) -> PipelineSchedule:
     """Builds the pipeline stages of this rank and a schedule over them.
 
@@ -244,10 +295,14 @@ def build_pipeline_schedule(
         stage_infos: Their stage infos (``dist_context.local_pipeline_stages`` gives
             the indices: rank ``r`` runs stages ``r, r + pp, ...``).
         example_batch: A batch shaped like the ones ``step`` will get (at least
-            ``input_ids``; ``pooling_mask`` for classification); only shapes are read.
+            ``input_ids`` and the loss target; ``pooling_mask`` for classification);
+            only shapes are read. ``step`` refuses batches of other keys or shapes.
         n_microbatches: Microbatches per step (must divide the batch size).
         loss: The loss of the last stage.
         kind: Which schedule to run.
+        validate_batch: Checks a whole batch once per step (e.g. ``functools.partial(
+            d9d.module.model.qwen3_dense.validation.validate_batch, params)``); the
+            stages then skip their per-microbatch value checks (host syncs).
 
     Returns:
         The schedule.
@@ -271,6 +326,11 @@ def build_pipeline_schedule(
             f"{num_stages} stages do not fit {dist_context.pp_size} pipeline ranks x "
             f"{len(stage_infos)} stages per rank"
         )
+    if "input_ids" not in example_batch or example_batch["input_ids"].dim() != 2:
+        raise ValueError("example_batch must hold input_ids of shape (batch, seq)")
+    rows = example_batch["input_ids"].shape[0]
+    if n_microbatches < 1 or rows % n_microbatches:
+        raise ValueError(f"batch size {rows} is not divisible by n_microbatches={n_microbatches}")
     multi = kind is PipelineScheduleKind.interleaved_1f1b
     if not multi and len(stage_infos) != 1:
         raise ValueError(f"schedule {kind.value!r} runs exactly one stage per rank")
@@ -291,4 +351,7 @@ def build_pipeline_schedule(
                 _meta_for_grad(outputs),
             )
         )
-    return PipelineSchedule(dist_context, stages, kind, n_microbatches, loss)
+    example_shapes = {key: tuple(value.shape) for key, value in example_batch.items()}
+    return PipelineSchedule(
+        dist_context, stages, kind, n_microbatches, loss, example_shapes, validate_batch
+    )

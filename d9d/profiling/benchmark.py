@@ -40,10 +40,8 @@ from torch import nn
 from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from d9d.compile import CompileConfig, CompileReport, apply_compile_config, get_compile_report
-from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.compile import CompileConfig, CompileReport
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
 from d9d.profiling.memory import (
@@ -55,6 +53,7 @@ from d9d.profiling.peak import PeakFlops
 from d9d.profiling.report import ProfileRecord, Record, SkippedRecord
 from d9d.profiling.support import unsupported_reason
 from d9d.profiling.timers import DeviceClock, StepTimes
+from d9d.stack import build_stage_modules
 
 
 @dataclass(frozen=True)
@@ -183,27 +182,17 @@ class SingleProcessTrainer:
     """The whole causal LM in one process."""
 
     def __init__(self, spec: BenchmarkSpec, compile_config: CompileConfig | None):
-        """Builds the model (meta -> dtype -> compile preset -> materialise) and AdamW.
+        """Builds the model with ``d9d.stack.build_stage_modules`` and AdamW.
 
         Args:
             spec: The run.
             compile_config: The compile preset, or ``None`` for plain eager.
         """
-        torch.manual_seed(spec.seed)
-        with torch.device("meta"):
-            model = Qwen3DenseForCausalLM(
-                spec.params,
-                PipelineStageInfo(0, 1),
-                HiddenStatesAggregationMode.no,
-                enable_checkpointing=False,
-            )
-        model.to(spec.dtype)
-        self.float8_summary: str | None = None
-        if compile_config is not None:
-            apply_compile_config(model, compile_config)
-            self.float8_summary = float8_summary(get_compile_report(model))
-        model.to_empty(device=spec.device)
-        model.reset_parameters()
+        stack = build_stage_modules(
+            spec.params, compile_config, param_dtype=spec.dtype, device=spec.device, seed=spec.seed
+        )
+        (model,) = stack.modules
+        self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]

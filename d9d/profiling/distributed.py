@@ -26,12 +26,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from d9d.compile import CompileConfig, apply_compile_config, get_compile_report
+from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
-from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
-from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.profiling.benchmark import (
@@ -43,6 +39,7 @@ from d9d.profiling.benchmark import (
 )
 from d9d.profiling.peak import PeakFlops, resolve_peak_flops
 from d9d.profiling.report import ProfileRecord, Record
+from d9d.stack import build_stage_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +74,7 @@ class DistributedTrainer:
         compile_config: CompileConfig,
         n_microbatches: int,
     ):
-        """Builds the stage in the training stack's order and, for ``pp > 1``, a schedule.
+        """Builds the stage with ``d9d.stack.build_stage_modules`` (+ 1F1B for ``pp > 1``).
 
         Args:
             spec: The run (``batch_size`` is per data-parallel rank).
@@ -85,21 +82,12 @@ class DistributedTrainer:
             compile_config: The compile preset.
             n_microbatches: Pipeline microbatches (ignored without pipelining).
         """
-        (stage_index,) = dist_context.local_pipeline_stages(1)
-        stage = PipelineStageInfo(stage_index, dist_context.pp_size)
-        torch.manual_seed(spec.seed)
-        with torch.device("meta"):
-            model = Qwen3DenseForCausalLM(
-                spec.params, stage, HiddenStatesAggregationMode.no, enable_checkpointing=False
-            )
-        model.to(spec.dtype)
-        apply_compile_config(model, compile_config)
-        self.float8_summary = float8_summary(get_compile_report(model))
-        parallelize_qwen3_dense_for_causal_lm(
-            dist_context, model, stage, compile_config=compile_config
+        stack = build_stage_modules(
+            spec.params, compile_config, dist_context, param_dtype=spec.dtype, seed=spec.seed
         )
-        model.to_empty(device=dist_context.device)
-        model.reset_parameters()
+        (model,) = stack.modules
+        (stage,) = stack.infos
+        self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]

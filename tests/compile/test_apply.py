@@ -28,6 +28,7 @@ from tests.helpers import (
     small_classification_params,
     small_model_params,
     train_step,
+    with_compile_config,
 )
 
 # Everything at once, traced by dynamo without inductor.
@@ -47,8 +48,8 @@ def _fresh_dynamo():
 def test_steps_run_and_are_logged_in_order(caplog):
     model = build_causal_lm(2)
     with caplog.at_level(logging.INFO, logger="d9d.compile"):
-        assert apply_compile_config(model, ALL_STEPS) is model
-    report = get_compile_report(model)
+        report = apply_compile_config(model, ALL_STEPS)
+    assert get_compile_report(model) is report
     assert report.steps == ["float8", "activation_checkpointing", "compile", "compile_loss"]
     assert report.num_layers == 2 and report.config is ALL_STEPS
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
@@ -65,7 +66,7 @@ def test_steps_run_and_are_logged_in_order(caplog):
 
 
 def test_applying_twice_is_refused():
-    model = apply_compile_config(build_causal_lm(2), load_compile_config("eager"))
+    model = with_compile_config(build_causal_lm(2), load_compile_config("eager"))
     with pytest.raises(ValueError, match="'eager' was already applied"):
         apply_compile_config(model, load_compile_config("compile_sac"))
 
@@ -102,7 +103,7 @@ def test_float8_says_why_it_cannot_run(monkeypatch):
 def test_float8_is_really_used_and_stays_close():
     fp32 = train_step(build_causal_lm(2), 2, 16)
     float8_config = CompileConfig(float8={"enabled": True})
-    float8 = train_step(apply_compile_config(build_causal_lm(2), float8_config), 2, 16)
+    float8 = train_step(with_compile_config(build_causal_lm(2), float8_config), 2, 16)
     # ~2% error per e4m3 product, mostly averaging out over the loss.
     torch.testing.assert_close(float8[0], fp32[0], rtol=2e-2, atol=0)
     q_grad = "model.layers.0.self_attn.q_proj.weight"
@@ -115,9 +116,9 @@ def test_meta_build_then_to_empty_and_reset_parameters():
         model.reset_parameters()
         return model
 
-    meta = apply_compile_config(build_causal_lm(2, device="meta"), ALL_STEPS)
+    meta = with_compile_config(build_causal_lm(2, device="meta"), ALL_STEPS)
     meta = initialised(meta.to_empty(device="cpu"))
-    reference = apply_compile_config(initialised(build_causal_lm(2)), ALL_STEPS.model_copy())
+    reference = with_compile_config(initialised(build_causal_lm(2)), ALL_STEPS.model_copy())
     actual, expected = train_step(meta, 2, 16), train_step(reference, 2, 16)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     assert sum(counters["graph_break"].values()) == 0
@@ -126,7 +127,7 @@ def test_meta_build_then_to_empty_and_reset_parameters():
 
 
 def test_state_dict_round_trip_between_compiled_and_eager():
-    compiled = apply_compile_config(build_causal_lm(2), load_compile_config("compile_sac_float8"))
+    compiled = with_compile_config(build_causal_lm(2), load_compile_config("compile_sac_float8"))
     eager = build_causal_lm(2)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
@@ -140,7 +141,7 @@ def test_state_dict_round_trip_between_compiled_and_eager():
         assert torch.equal(eager.state_dict()[name], tensor), name
 
     fresh_eager = build_causal_lm(2)
-    fresh_compiled = apply_compile_config(build_causal_lm(2), load_compile_config("compile_sac"))
+    fresh_compiled = with_compile_config(build_causal_lm(2), load_compile_config("compile_sac"))
     fresh_compiled.load_state_dict(eager.state_dict(), strict=True)
     fresh_eager.load_state_dict(fresh_compiled.state_dict(), strict=True)
     for name, tensor in eager.state_dict().items():
@@ -156,7 +157,7 @@ def test_classification_model_on_a_later_pipeline_stage():
             "no",
             False,
         )
-        return apply_compile_config(model, ALL_STEPS) if apply else model
+        return with_compile_config(model, ALL_STEPS) if apply else model
 
     model, reference = build(True), build(False)
     assert list(model.model.layers) == ["2", "3"]
@@ -187,7 +188,7 @@ def test_compile_without_policy_on_a_self_checkpointing_model():
     # enable_checkpointing=True already means "full"; compiling its layers is allowed
     # and the model-level checkpoint then recomputes each compiled layer.
     config = CompileConfig(compile={"enabled": True, "backend": "eager"})
-    model = apply_compile_config(build_causal_lm(2, enable_checkpointing=True), config)
+    model = with_compile_config(build_causal_lm(2, enable_checkpointing=True), config)
     actual, expected = train_step(model, 2, 16), train_step(build_causal_lm(2), 2, 16)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     assert sum(counters["graph_break"].values()) == 0

@@ -20,7 +20,7 @@ from d9d.compile import (
     get_compile_report,
     load_compile_config,
 )
-from tests.helpers import build_causal_lm, train_step
+from tests.helpers import build_causal_lm, train_step, with_compile_config
 
 PRESETS = sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
 
@@ -49,7 +49,7 @@ def _graph_stats() -> dict[str, int]:
 def _eager_reference(config: CompileConfig, num_layers: int):
     """Same float8 setting, no compile, no checkpointing (which never changes numerics)."""
     eager = CompileConfig(name=f"{config.name}_eager_reference", float8=config.float8)
-    return apply_compile_config(build_causal_lm(num_layers), eager)
+    return with_compile_config(build_causal_lm(num_layers), eager)
 
 
 def _assert_close(actual, expected, tolerance, what):
@@ -102,7 +102,7 @@ def test_preset(preset: str):
             apply_compile_config(build_causal_lm(2), config)
         return
 
-    model = apply_compile_config(build_causal_lm(2), config)
+    model = with_compile_config(build_causal_lm(2), config)
     _check_float8_swap(model, config)
     first = train_step(model, batch=2, seq=16, seed=0)
     after_first = _graph_stats()
@@ -139,7 +139,7 @@ def test_preset(preset: str):
     # this costs tracing only).
     torch._dynamo.reset()
     counters.clear()
-    deep = apply_compile_config(build_causal_lm(6), config)
+    deep = with_compile_config(build_causal_lm(6), config)
     train_step(deep, batch=2, seq=16, seed=0)
     assert _graph_stats() == after_first, dict(counters["stats"])
     print(f"{preset}: 2 layers {after_first}, reshaped {after_reshape}, 6 layers {_graph_stats()}")

@@ -29,6 +29,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.stack import build_stage_modules
 from tests.helpers import fresh_subdir, guarded, small_causal_lm_params, small_classification_params
 
 GLOBAL_BATCH = 8
@@ -114,29 +115,27 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _build_stage(ctx, kind, info, snapshot, ref_state, compile_config=None, parallelize=True):
-    with torch.device("meta"):
-        model = _model_cls(kind)(_model_params(kind), info, snapshot, False)
-    if compile_config is not None:
-        from d9d.compile import apply_compile_config
-
-        apply_compile_config(model, compile_config)
-    if parallelize:
-        fn = (
-            parallelize_qwen3_dense_for_causal_lm
-            if kind == "causal_lm"
-            else parallelize_qwen3_dense_for_classification
-        )
-        fn(ctx, model, info, compile_config=compile_config)
-    model.to_empty(device=ctx.device)
-    model.reset_parameters()
+def _build_stages(ctx, kind, snapshot, ref_state, compile_config=None, stages_per_rank=1):
+    """This rank's stages through the one builder, then the reference weights loaded."""
+    stack = build_stage_modules(
+        _model_params(kind),
+        compile_config,
+        ctx,
+        num_stages_per_rank=stages_per_rank,
+        hidden_states_snapshot_mode=snapshot,
+        init="reset",
+        seed=1000 + dist.get_rank(),  # a different init: the load must overwrite it
+    )
     if ref_state is not None:
-        # set_model_state_dict replaces the values of the dict it is given by sharded
-        # copies: hand it a shallow copy so the reference stays plain.
-        set_model_state_dict(
-            model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
-        )
-    return model
+        for model in stack.modules:
+            # set_model_state_dict replaces the values of the dict it is given by sharded
+            # copies: hand it a shallow copy so the reference stays plain.
+            set_model_state_dict(
+                model,
+                dict(ref_state),
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
+    return stack.modules
 
 
 def _grad_diffs(models, ref_grads) -> tuple[float, list[str]]:
@@ -191,8 +190,7 @@ def run_layout(
     local = {k: v[rows] for k, v in batch.items()}
     num_stages = ctx.pp_size * stages_per_rank
     infos = [PipelineStageInfo(s, num_stages) for s in ctx.local_pipeline_stages(stages_per_rank)]
-    ref_state = ref.state_dict()
-    models = [_build_stage(ctx, kind, info, snapshot, ref_state, config) for info in infos]
+    models = _build_stages(ctx, kind, snapshot, ref.state_dict(), config, stages_per_rank)
     loss_fn = CausalLMLoss() if kind == "causal_lm" else ClassificationLoss()
     result: dict = {"layout": mesh, "schedule": schedule}
     if schedule is None:
@@ -316,6 +314,52 @@ def expected_errors() -> dict:
     return results
 
 
+def schedule_batch_checks() -> dict:
+    """A pp=2 1F1B schedule built for 8 rows, given wrong batches: every rank must raise
+    the same ValueError before any communication, and a right batch must still work."""
+    from d9d.module.model.qwen3_dense.validation import validate_batch
+
+    ctx = DeviceMeshParameters(pipeline_parallel=2).build()
+    params = _model_params("causal_lm")
+    stack = build_stage_modules(params, None, ctx)
+    batch = _global_batch("causal_lm")  # 8 rows
+    pipe = build_pipeline_schedule(
+        ctx,
+        stack.modules,
+        stack.infos,
+        batch,
+        4,
+        CausalLMLoss(),
+        kind="1f1b",
+        validate_batch=functools.partial(validate_batch, params),
+    )
+    bad_token = dict(batch, input_ids=batch["input_ids"].clone())
+    bad_token["input_ids"][5, 3] = VOCAB + 7
+    bad_labels = dict(batch, labels=batch["labels"][:, :-1])
+    cases = {
+        "6 rows": {k: v[:6] for k, v in batch.items()},
+        "16 rows": {k: torch.cat([v, v]) for k, v in batch.items()},
+        "labels shape": bad_labels,
+        "missing position_ids": {k: v for k, v in batch.items() if k != "position_ids"},
+        "token out of range": bad_token,
+        "float input_ids": dict(batch, input_ids=batch["input_ids"].float()),
+    }
+    errors = {}
+    for name, bad in cases.items():
+        try:
+            pipe.step(bad)
+        except ValueError as err:
+            errors[name] = str(err)
+        else:
+            errors[name] = None
+    result = pipe.step(batch)
+    dist.barrier()
+    return {
+        "errors": errors,
+        "good_step_loss": None if result.loss is None else result.loss.item(),
+    }
+
+
 def checkpoint_round_trip(
     workdir: str, save_mesh: dict, load_mesh: dict, load_stages_per_rank: int = 1
 ) -> dict:
@@ -325,21 +369,12 @@ def checkpoint_round_trip(
     path = fresh_subdir(workdir, "ckpt")
 
     ctx = DeviceMeshParameters(**save_mesh).build()
-    n = ctx.pp_size
-    saved = [
-        _build_stage(ctx, "causal_lm", PipelineStageInfo(s, n), "no", ref_state)
-        for s in ctx.local_pipeline_stages(1)
-    ]
+    saved = _build_stages(ctx, "causal_lm", "no", ref_state)
     save_model_checkpoint(saved, path)
     dist.barrier()
 
     ctx = DeviceMeshParameters(**load_mesh).build()
-    n = ctx.pp_size * load_stages_per_rank
-    torch.manual_seed(1000 + dist.get_rank())  # different init: the load must overwrite it
-    loaded = [
-        _build_stage(ctx, "causal_lm", PipelineStageInfo(s, n), "no", None)
-        for s in ctx.local_pipeline_stages(load_stages_per_rank)
-    ]
+    loaded = _build_stages(ctx, "causal_lm", "no", None, stages_per_rank=load_stages_per_rank)
     # What to_empty may leave in the non-persistent RoPE tables: the load must rebuild them.
     for model in loaded:
         for buffer in model.buffers():
@@ -398,13 +433,8 @@ def float8_all_gather(steps: int = 2) -> dict:
         ctx = DeviceMeshParameters(data_parallel_shard=2).build()
         shards = [slice(r * 4, r * 4 + 4) for r in range(2)]
         local = {k: v[shards[ctx.dp_rank]] for k, v in batch.items()}
-        model = _build_stage(
-            ctx,
-            "causal_lm",
-            PipelineStageInfo(0, 1),
-            "no",
-            ref.state_dict(),
-            compile_config=float8_config(True),
+        (model,) = _build_stages(
+            ctx, "causal_lm", "no", ref.state_dict(), compile_config=float8_config(True)
         )
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -430,7 +460,7 @@ def float8_all_gather(steps: int = 2) -> dict:
             ref_opt.step()
             opt.step()
             opt.zero_grad()
-            precompute_float8_all_gather_scales(model, float8_config(True))
+            precompute_float8_all_gather_scales(model)
             precomputed.append(
                 all(
                     p._local_tensor._precomputed_scale is not None
@@ -524,6 +554,7 @@ def two_rank_job(workdir: str, names: list[str]) -> dict:
     """Every 2-rank layout in ``names``, the user errors and a checkpoint round trip."""
     results = {name: guarded(run_layout, **TWO_RANK_LAYOUTS[name]) for name in names}
     results["errors"] = guarded(expected_errors)
+    results["schedule batch checks"] = guarded(schedule_batch_checks)
     results["float8 all-gather dp_shard=2"] = guarded(float8_all_gather)
     results["checkpoint dp_shard=2 -> pp=2"] = guarded(
         checkpoint_round_trip, workdir, dict(data_parallel_shard=2), dict(pipeline_parallel=2)

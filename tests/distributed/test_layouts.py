@@ -82,7 +82,7 @@ def test_compile_sac_layers_compile_once_with_fsdp_outside(two_rank):
             assert r["graph_breaks"] == 0
             # One layer graph serves every layer; a rank holding the LM head also compiles
             # the two fused loss kernels (d9d.module.block.chunked_nll).
-            assert r[name]["new_graphs"] <= 1 + 2, "one graph must serve every layer"
+            assert r["new_graphs"] <= 1 + 2, "one graph must serve every layer"
     assert sum(r[name]["new_graphs"] for name in compiled for r in two_rank) >= 1
 
 
@@ -106,7 +106,8 @@ def _check_checkpoint(per_rank: list[dict]) -> None:
     for r in per_rank:
         assert r["mismatched"] == [], "a tensor changed in the round trip"
         assert r["rope_tables_rebuilt"], "RoPE tables not rebuilt by the checkpoint load"
-        # Stored under the SPEC names, whatever the layout.
+        # Stored under the unwrapped state-dict names (model.layers.<i>...), whatever the
+        # layout.
         assert set(r["stored_keys"]) == reference
     assert {n for r in per_rank for n in r["loaded_names"]} == reference
 
@@ -135,3 +136,22 @@ def test_hsdp_flattens_two_replicate_dims_and_sums(four_rank):
         assert result["mesh_shape"] == [4, 1]
         assert result["placements"] == ["R", "S(0)"]  # (replicate, shard) HSDP
         assert result["grad_diff"] <= 1e-5
+
+
+def test_schedule_refuses_a_mis_sized_batch_on_every_rank(two_rank):
+    per_rank = scenario_result(two_rank, "schedule batch checks")
+    # Both ranks raise the same error (nobody waits on a peer), naming the problem.
+    assert per_rank[0]["errors"] == per_rank[1]["errors"]
+    errors = per_rank[0]["errors"]
+    for rows in ("6 rows", "16 rows"):
+        message = errors[rows]
+        assert message is not None, rows
+        assert f"batch size {rows.split()[0]}" in message and "n_microbatches=4" in message
+        assert "8 rows" in message
+    assert "labels (8, 7) (expected (8, 8))" in errors["labels shape"]
+    assert "position_ids" in errors["missing position_ids"]
+    assert "input_ids" in errors["token out of range"] and "103" in errors["token out of range"]
+    assert "input_ids must hold integer ids" in errors["float input_ids"]
+    # The refused batches left nothing behind: a right batch still trains.
+    losses = [r["good_step_loss"] for r in per_rank if r["good_step_loss"] is not None]
+    assert len(losses) == 1 and losses[0] > 0

@@ -3,27 +3,7 @@
 import torch
 from torch import nn
 
-
-def check_token_range(
-    ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None
-):
-    """Raises ``ValueError`` if ``ids`` holds a value outside ``[0, vocab_size)``.
-
-    ``ignore_index`` (e.g. ``-100`` for labels) is allowed as well. Meta tensors are not
-    checked. The check costs one host sync, so it is kept out of compiled regions.
-    """
-    if ids.device.type == "meta" or ids.numel() == 0:
-        return
-    valid = (ids >= 0) & (ids < vocab_size)
-    if ignore_index is not None:
-        valid |= ids == ignore_index
-    if not bool(valid.all()):
-        bad = ids[~valid]
-        allowed = f"[0, {vocab_size})" + (f" or {ignore_index}" if ignore_index is not None else "")
-        raise ValueError(
-            f"{name} holds {bad.numel()} value(s) outside {allowed}, "
-            f"e.g. {bad.flatten()[:5].tolist()}"
-        )
+from d9d.core.checks import check_token_range
 
 
 class SplitTokenEmbeddings(nn.Module):

@@ -3,10 +3,9 @@
 import torch
 from torch import nn
 
+from d9d.core.checks import check_token_range
+from d9d.core.constants import IGNORE_INDEX
 from d9d.module.block.chunked_nll import EAGER_NLL_KERNELS, NLLKernels, linear_nll
-from d9d.module.block.embedding import check_token_range
-
-IGNORE_INDEX = -100
 
 # Upper bound on the logits (in the head's dtype) the causal-LM loss keeps alive at once.
 # Below it the logits are kept for backward (three head matmuls); above it they are

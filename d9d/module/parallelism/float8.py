@@ -8,33 +8,40 @@ weight: without help each unit all-reduces it at every all-gather. Calling
 scales in one batched all-reduce instead.
 """
 
+import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from d9d.compile import CompileConfig
+
+def uses_float8_all_gather(modules: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether any parameter of ``modules`` is all-gathered in float8 by FSDP2."""
+    fsdp_utils = sys.modules.get("torchao.float8.fsdp_utils")
+    if fsdp_utils is None:
+        # No float8 weight can exist before torchao's float8 support was imported.
+        return False
+    weight_cls = fsdp_utils.WeightWithDynamicFloat8CastTensor
+    for module in [modules] if isinstance(modules, nn.Module) else modules:
+        for param in module.parameters():
+            local = getattr(param, "_local_tensor", param)
+            if isinstance(local, weight_cls):
+                return True
+    return False
 
 
-def precompute_float8_all_gather_scales(
-    modules: nn.Module | Iterable[nn.Module], compile_config: "CompileConfig | None"
-) -> None:
+def precompute_float8_all_gather_scales(modules: nn.Module | Iterable[nn.Module]) -> None:
     """Precomputes the float8 weight scales of FSDP2 modules after an optimizer step.
 
-    A no-op unless ``compile_config`` enables float8 with
-    ``enable_fsdp_float8_all_gather``, so a trainer can call it unconditionally.
+    A no-op unless some parameter is all-gathered in float8 (a config with
+    ``enable_fsdp_float8_all_gather``), so a trainer can call it unconditionally.
 
     Args:
         modules: This rank's (FSDP2-parallelized) stage module(s).
-        compile_config: The config the modules were built with.
     """
-    if compile_config is None:
-        return
-    section = compile_config.float8
-    if not (section.enabled and section.enable_fsdp_float8_all_gather):
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    if not uses_float8_all_gather(modules):
         return
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
-    for module in [modules] if isinstance(modules, nn.Module) else modules:
+    for module in modules:
         precompute_float8_dynamic_scale_for_fsdp(module)

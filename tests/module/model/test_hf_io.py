@@ -15,6 +15,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from transformers import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 
+from d9d.checkpoint import safetensors_io
 from d9d.compile import apply_compile_config, load_compile_config
 from d9d.dataset import token_pooling_mask_from_attention_mask
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification, hf_io
@@ -187,7 +188,7 @@ def test_classifier_from_causal_lm_checkpoint_needs_init_new_head(untied):
 def test_pipeline_stages_read_only_their_tensors(tied_sharded, monkeypatch):
     folder, hf_model = tied_sharded
     reads: list[str] = []
-    real_open = hf_io._safe_open
+    real_open = safetensors_io._safe_open
 
     class _Spy:
         def __init__(self, path):
@@ -208,7 +209,7 @@ def test_pipeline_stages_read_only_their_tensors(tied_sharded, monkeypatch):
             reads.append(key)
             return self._f.get_tensor(key)
 
-    monkeypatch.setattr(hf_io, "_safe_open", _Spy)
+    monkeypatch.setattr(safetensors_io, "_safe_open", _Spy)
     stages = []
     stage_reads = []
     for i in range(2):
@@ -246,7 +247,8 @@ def test_loads_through_compile_and_checkpoint_wrappers(untied):
     model = _build(Qwen3DenseForCausalLM, params)
     layers = model.model.layers
     for name in list(layers):
-        # The compile layer wraps each layer; names must still resolve to SPEC names.
+        # The compile layer wraps each layer; names must still resolve to the unwrapped
+        # checkpoint names (model.layers.<i>...).
         layers[name] = torch.compile(checkpoint_wrapper(layers[name]))
     load_hf_checkpoint(model, folder)
     reference = _load_causal(folder).state_dict()

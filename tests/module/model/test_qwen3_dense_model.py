@@ -132,7 +132,8 @@ def test_modules_implement_the_protocols():
 
 
 def rope_reference(head_dim: int, base: float, positions: torch.Tensor):
-    """The SPEC formula, in fp64."""
+    """RoPE cos/sin: inverse frequencies ``base ** (-2i / head_dim)``, angles duplicated
+    over both halves of the head dimension; in fp64."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = positions.double()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
@@ -198,7 +199,7 @@ def test_rope_tables_are_rebuilt_by_reset_parameters_after_to_empty():
 
 
 def test_rope_tables_are_rebuilt_by_load_state_dict_without_reset_parameters():
-    # DESIGN step 6: to_empty, then reset_parameters() *or* load a checkpoint. A loader
+    # Late init: to_empty, then reset_parameters() *or* load a checkpoint. A loader
     # never sees the non-persistent tables, so loading must rebuild them.
     params = small_causal_lm_params(num_hidden_layers=1)
     eager = build(Qwen3DenseForCausalLM, params)

@@ -44,7 +44,8 @@ def hf_source_of(
     """Where one d9d state-dict entry lives in an HF checkpoint.
 
     Args:
-        key: A d9d state-dict name (SPEC names, no wrapper prefixes).
+        key: A d9d state-dict name (``model.layers.<i>...``, no wrapper prefixes such as
+            ``_orig_mod.``).
         params: The backbone parameters (for the vocabulary splits).
         head_from_embedding: Read the LM head splits from ``model.embed_tokens.weight``
             (an HF checkpoint saved with ``tie_word_embeddings: true`` has no

@@ -1,5 +1,16 @@
 """Load Hugging Face Qwen3 safetensors checkpoints into Qwen3 Dense models, and export back.
 
+This file holds what is specific to Qwen3: which checkpoint tensors a model (or pipeline
+stage) needs, the checks against ``config.json``, and the tied-embedding policy. The
+safetensors folder plumbing (index, streaming reads, shard planning, FSDP2 shards) is
+model-agnostic and lives in :mod:`d9d.checkpoint.safetensors_io`; the name mapping in
+``hf.py`` and the config conversion in ``hf_config.py``.
+
+A load runs in three phases: :func:`_plan_load` works out which checkpoint tensors this
+stage and rank need and checks everything it can (one error lists every missing,
+unexpected or mis-shaped tensor) before anything is read; :func:`_read_into` streams those
+tensors into the model; :func:`_post_fix` then rebuilds what is not in the checkpoint.
+
 Reading and writing need the optional ``safetensors`` package (``pip install 'd9d[hf]'``).
 
 Tied embeddings. An HF checkpoint saved with ``tie_word_embeddings: true`` (Qwen3-0.6B,
@@ -16,13 +27,24 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
+from d9d.checkpoint.safetensors_io import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    TensorRead,
+    checkpoint_index,
+    copy_full_into,
+    gather_full,
+    read_shapes,
+    read_tensors,
+    require_safetensors,
+    save_safetensors_folder,
+)
 from d9d.module.block.rope import RotaryEmbeddingProvider
 from d9d.module.model.qwen3_dense.hf import (
     HF_LM_HEAD_KEY,
@@ -38,13 +60,18 @@ from d9d.module.model.qwen3_dense.hf_config import (
 from d9d.module.model.qwen3_dense.model import Qwen3DenseForCausalLM, Qwen3DenseForClassification
 from d9d.pipelining.api import PipelineStageInfo
 
+__all__ = [
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE",
+    "Qwen3DenseHFModel",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
 # Prefixes that wrappers (torch.compile, activation checkpointing, FSDP1) insert into
-# state-dict names; the checkpoint format is the unwrapped SPEC names.
+# state-dict names; the checkpoint uses the unwrapped names (``model.layers.<i>.mlp...``).
 _WRAPPER_PREFIXES = re.compile(r"(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 # Old transformers versions saved the RoPE frequencies; they are recomputed here.
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -53,24 +80,8 @@ _MAX_LISTED = 20
 Qwen3DenseHFModel = Qwen3DenseForCausalLM | Qwen3DenseForClassification
 
 
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as err:
-        raise ImportError(
-            "reading or writing Hugging Face checkpoints needs the optional 'safetensors' "
-            "package: pip install 'd9d[hf]'"
-        ) from err
-    return safetensors
-
-
-def _safe_open(path: str):
-    # One indirection so that tests can observe which tensors each stage reads.
-    return _safetensors().safe_open(path, framework="pt", device="cpu")
-
-
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state-dict entries under SPEC names, as the live tensors to copy into."""
+    """The model's state-dict entries under unwrapped names, as the live tensors to copy into."""
     state = model.state_dict(keep_vars=True)
     return {_WRAPPER_PREFIXES.sub("", key): value for key, value in state.items()}
 
@@ -83,6 +94,11 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
+def _describe(model: Qwen3DenseHFModel) -> str:
+    stage = model.stage
+    return f"{type(model).__name__} (pipeline stage {stage.current_stage} of {stage.num_stages})"
+
+
 def _full_model_keys(model: Qwen3DenseHFModel) -> list[str]:
     """State-dict names of the single-stage model with the same parameters."""
     # Not type(model): FSDP2 swaps the class of a wrapped module for a generated subclass.
@@ -91,23 +107,6 @@ def _full_model_keys(model: Qwen3DenseHFModel) -> list[str]:
     with torch.device("meta"):
         full = cls(model.params, PipelineStageInfo(0, 1), "no", False)
     return list(full.state_dict())
-
-
-def _checkpoint_index(folder: str) -> dict[str, str]:
-    """Maps every tensor name of the checkpoint to the file (in ``folder``) holding it."""
-    index_path = os.path.join(folder, SAFETENSORS_INDEX)
-    single_path = os.path.join(folder, SAFETENSORS_SINGLE)
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return {key: os.path.join(folder, name) for key, name in weight_map.items()}
-    if os.path.isfile(single_path):
-        with _safe_open(single_path) as f:
-            return dict.fromkeys(f.keys(), single_path)
-    raise FileNotFoundError(
-        f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} in {folder!r} "
-        f"(found: {sorted(os.listdir(folder))})"
-    )
 
 
 def _check_config_matches(model: Qwen3DenseHFModel, config: dict[str, Any]) -> None:
@@ -142,21 +141,135 @@ def _listing(title: str, items: list[str]) -> str:
     return f"\n  {title} ({len(items)}):\n    {shown}{more}"
 
 
-@torch.no_grad()
-def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
-    value = value.to(dtype=target.dtype)
-    if isinstance(target, DTensor):
-        # Every rank read the same full tensor, so each can cut its own shard locally:
-        # src_data_rank=None skips the broadcast.
-        value = distribute_tensor(
-            value.to(target.to_local().device),
-            target.device_mesh,
-            target.placements,
-            src_data_rank=None,
+# --- load, phase 1: plan ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LoadPlan:
+    """What one stage on one rank reads from a checkpoint, checked before any data is read.
+
+    Attributes:
+        folder: The checkpoint folder.
+        index: Checkpoint tensor name -> its file.
+        targets: d9d state-dict name (unwrapped) -> the live tensor to fill.
+        reads: d9d state-dict name -> the checkpoint tensor (and rows) it is read from.
+        tied_source: The LM head is read from ``model.embed_tokens.weight`` (a checkpoint
+            saved with ``tie_word_embeddings: true``).
+        init_new_head: The head is not read but re-initialised.
+    """
+
+    folder: str
+    index: dict[str, str]
+    targets: dict[str, torch.Tensor]
+    reads: dict[str, TensorRead]
+    tied_source: bool
+    init_new_head: bool
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith(("lm_head.", "cls_head."))
+
+
+def _plan_load(model: Qwen3DenseHFModel, folder: str, init_new_head: bool) -> _LoadPlan:
+    """Maps this stage's tensors to checkpoint tensors and checks config, names and shapes.
+
+    Raises:
+        FileNotFoundError: If ``config.json`` or the safetensors files are missing.
+        ValueError: If the config does not match the model, the model is on ``meta``, or
+            tensors are missing, unexpected or of the wrong shape (all are listed).
+    """
+    config = read_hf_config(folder)
+    _check_config_matches(model, config)
+    params = model.params.model
+    index = checkpoint_index(folder)
+    tied_source = (
+        config.get("tie_word_embeddings", False)
+        and HF_LM_HEAD_KEY not in index
+        and isinstance(model, Qwen3DenseForCausalLM)
+        and not init_new_head
+    )
+
+    def source(key: str) -> TensorRead:
+        return TensorRead(*hf_source_of(key, params, head_from_embedding=tied_source))
+
+    targets = {k: v for k, v in _targets(model).items() if not (init_new_head and _is_head(k))}
+    reads = {key: source(key) for key in targets}
+
+    # Unexpected is judged against the whole model, since each stage holds only part of it.
+    full_keys = [k for k in _full_model_keys(model) if not (init_new_head and _is_head(k))]
+    expected_hf = {source(k).name for k in full_keys}
+    ignored = {HF_LM_HEAD_KEY, HF_SCORE_KEY} if init_new_head else set()
+    unexpected = sorted(
+        k
+        for k in index
+        if k not in expected_hf and k not in ignored and not _IGNORED_HF_KEYS.match(k)
+    )
+    missing = sorted({r.name for r in reads.values() if r.name not in index})
+    on_meta = sorted(k for k, v in targets.items() if v.device.type == "meta")
+    if on_meta:
+        raise ValueError(
+            "the model has tensors on the meta device; call model.to_empty(device=...) "
+            f"before loading:{_listing('on meta', on_meta)}"
         )
-    else:
-        value = value.to(target.device)
-    target.copy_(value)
+
+    shapes = read_shapes(index, (r.name for r in reads.values() if r.name in index))
+    mis_shaped = []
+    for key, read in reads.items():
+        if read.name not in index:
+            continue
+        want = tuple(targets[key].shape)
+        # A vocabulary split is checked against the whole HF matrix it comes from.
+        want_hf = (params.vocab_size, *want[1:]) if read.rows is not None else want
+        if shapes[read.name] != want_hf:
+            mis_shaped.append(
+                f"{read.name}: checkpoint {shapes[read.name]}, model {want_hf} ({key})"
+            )
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f"cannot load HF checkpoint {folder!r} into {_describe(model)}:"
+            + (_listing("missing tensors", missing) if missing else "")
+            + (_listing("unexpected tensors", unexpected) if unexpected else "")
+            + (_listing("shape mismatches", sorted(set(mis_shaped))) if mis_shaped else "")
+        )
+    return _LoadPlan(folder, index, targets, reads, bool(tied_source), init_new_head)
+
+
+# --- load, phase 2: read ------------------------------------------------------------------
+
+
+def _read_into(plan: _LoadPlan) -> None:
+    """Streams the planned tensors into the model, cast to each target's dtype.
+
+    The cast and the cut to this rank's FSDP2 shard happen per tensor, so at most one
+    checkpoint tensor is held besides the model. A tied head gets its own copy of the
+    embedding rows here (it is read separately from the embedding), which unties it.
+    """
+    for key, value in read_tensors(plan.index, plan.reads):
+        copy_full_into(plan.targets[key], value)
+        del value  # before the next read, so that only one tensor is held
+
+
+# --- load, phase 3: post-fix --------------------------------------------------------------
+
+
+def _post_fix(model: Qwen3DenseHFModel, plan: _LoadPlan) -> None:
+    """Rebuilds what the checkpoint does not hold: RoPE tables and, if asked, a new head.
+
+    Also logs, on the last stage, that a tied checkpoint's LM head is now untied.
+    """
+    for module in model.modules():
+        if isinstance(module, RotaryEmbeddingProvider):
+            module.reset_parameters()
+    if plan.init_new_head and model.stage.is_current_stage_last:
+        head = model.lm_head if isinstance(model, Qwen3DenseForCausalLM) else model.cls_head
+        head.reset_parameters()
+    if plan.tied_source and model.stage.is_current_stage_last:
+        logger.warning(
+            "%s has tie_word_embeddings=true: the LM head was initialised from a copy of "
+            "model.embed_tokens.weight and is trained as a separate (untied) parameter; "
+            "save_hf_checkpoint writes both with tie_word_embeddings=false",
+            plan.folder,
+        )
 
 
 def load_hf_checkpoint(
@@ -194,139 +307,20 @@ def load_hf_checkpoint(
             in that case.
     """
     _check_model(model)
-    _safetensors()
-    folder = os.fspath(path)
-    config = read_hf_config(folder)
-    _check_config_matches(model, config)
-    params = model.params.model
-    index = _checkpoint_index(folder)
-    tied_source = (
-        config.get("tie_word_embeddings", False)
-        and HF_LM_HEAD_KEY not in index
-        and isinstance(model, Qwen3DenseForCausalLM)
-        and not init_new_head
-    )
-
-    def is_head(key: str) -> bool:
-        return key.startswith(("lm_head.", "cls_head."))
-
-    targets = {k: v for k, v in _targets(model).items() if not (init_new_head and is_head(k))}
-    full_keys = [k for k in _full_model_keys(model) if not (init_new_head and is_head(k))]
-    sources = {key: hf_source_of(key, params, head_from_embedding=tied_source) for key in targets}
-
-    expected_hf = {hf_source_of(k, params, head_from_embedding=tied_source)[0] for k in full_keys}
-    ignored = {HF_LM_HEAD_KEY, HF_SCORE_KEY} if init_new_head else set()
-    unexpected = sorted(
-        k
-        for k in index
-        if k not in expected_hf and k not in ignored and not _IGNORED_HF_KEYS.match(k)
-    )
-    missing = sorted({hf for hf, _ in sources.values() if hf not in index})
-    on_meta = sorted(k for k, v in targets.items() if v.device.type == "meta")
-    if on_meta:
-        raise ValueError(
-            "the model has tensors on the meta device; call model.to_empty(device=...) "
-            f"before loading:{_listing('on meta', on_meta)}"
-        )
-
-    by_file: dict[str, list[str]] = {}
-    for key, (hf_key, _) in sources.items():
-        if hf_key in index:
-            by_file.setdefault(index[hf_key], []).append(key)
-
-    mis_shaped = []
-    for file, keys in by_file.items():
-        with _safe_open(file) as f:
-            for key in keys:
-                hf_key, rows = sources[key]
-                hf_shape = tuple(f.get_slice(hf_key).get_shape())
-                want = tuple(targets[key].shape)
-                # A vocabulary split is checked against the whole HF matrix it comes from.
-                want_hf = (params.vocab_size, *want[1:]) if rows is not None else want
-                if hf_shape != want_hf:
-                    mis_shaped.append(f"{hf_key}: checkpoint {hf_shape}, model {want_hf} ({key})")
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f"cannot load HF checkpoint {folder!r} into {_describe(model)}:"
-            + (_listing("missing tensors", missing) if missing else "")
-            + (_listing("unexpected tensors", unexpected) if unexpected else "")
-            + (_listing("shape mismatches", sorted(set(mis_shaped))) if mis_shaped else "")
-        )
-
-    for file, keys in by_file.items():
-        with _safe_open(file) as f:
-            for key in keys:
-                hf_key, rows = sources[key]
-                if rows is None:
-                    value = f.get_tensor(hf_key)
-                else:
-                    value = f.get_slice(hf_key)[rows[0] : rows[1]]
-                _copy_into(targets[key], value)
-                del value
-
-    for module in model.modules():
-        if isinstance(module, RotaryEmbeddingProvider):
-            module.reset_parameters()
-    if init_new_head and model.stage.is_current_stage_last:
-        head = model.lm_head if isinstance(model, Qwen3DenseForCausalLM) else model.cls_head
-        head.reset_parameters()
-    if tied_source and model.stage.is_current_stage_last:
-        logger.warning(
-            "%s has tie_word_embeddings=true: the LM head was initialised from a copy of "
-            "model.embed_tokens.weight and is trained as a separate (untied) parameter; "
-            "save_hf_checkpoint writes both with tie_word_embeddings=false",
-            folder,
-        )
+    require_safetensors()
+    plan = _plan_load(model, os.fspath(path), init_new_head)
+    _read_into(plan)
+    _post_fix(model, plan)
 
 
-def _describe(model: Qwen3DenseHFModel) -> str:
-    stage = model.stage
-    return f"{type(model).__name__} (pipeline stage {stage.current_stage} of {stage.num_stages})"
-
-
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
-    if not match:
-        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 500MB or 1048576")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
-
-
-def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, size in sizes.items():
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += size
-    return shards
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    # A collective for DTensors: every rank must reach it in the same order.
-    return value.full_tensor() if isinstance(value, DTensor) else value
+# --- export -------------------------------------------------------------------------------
 
 
 def _hf_tensors(
     targets: dict[str, torch.Tensor], parts: dict[str, list[str]], keys: list[str], dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for hf_key in keys:
-        pieces = [_full(targets[k]).detach() for k in parts[hf_key]]
+        pieces = [gather_full(targets[k]).detach() for k in parts[hf_key]]
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         yield hf_key, tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
 
@@ -367,7 +361,7 @@ def save_hf_checkpoint(
             checkpoint.
     """
     _check_model(model)
-    st = _safetensors()
+    require_safetensors()
     if model.stage.num_stages != 1:
         raise ValueError(
             f"save_hf_checkpoint needs the full model, got {_describe(model)}; build a "
@@ -380,43 +374,11 @@ def save_hf_checkpoint(
     for hf_key, keys in parts.items():
         numel = sum(targets[k].numel() for k in keys)
         sizes[hf_key] = numel * (dtype or targets[keys[0]].dtype).itemsize
-    shards = _plan_shards(sizes, _parse_size(max_shard_size))
-    names = (
-        [SAFETENSORS_SINGLE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    writer = save_safetensors_folder(
+        folder, sizes, max_shard_size, lambda keys: dict(_hf_tensors(targets, parts, keys, dtype))
     )
-    distributed = dist.is_initialized()
-    writer = not distributed or dist.get_rank() == 0
-    problem = [None]
-    if writer:
-        os.makedirs(folder, exist_ok=True)
-        stale = [
-            n for n in os.listdir(folder) if n.endswith(".safetensors") or n == SAFETENSORS_INDEX
-        ]
-        if stale:
-            problem[0] = f"{folder!r} already holds a checkpoint ({sorted(stale)})"
-    if distributed:
-        # Every rank must stop together, or the others would wait in full_tensor() forever.
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0] is not None:
-        raise ValueError(problem[0])
-    for name, keys in zip(names, shards, strict=True):
-        tensors = dict(_hf_tensors(targets, parts, keys, dtype))
-        if writer:
-            st.torch.save_file(tensors, os.path.join(folder, name), metadata={"format": "pt"})
-        del tensors
     if not writer:
         return
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {
-                key: name for name, keys in zip(names, shards, strict=True) for key in keys
-            },
-        }
-        with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
     save_dtype = dtype or next(iter(targets.values())).dtype
     config = hf_config_from_params(model.params, dtype=save_dtype, base_config=base_config)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from d9d.core.checks import value_checks_enabled
 from d9d.module.block.embedding import SplitTokenEmbeddings
 from d9d.module.block.head import ClassificationHead, SplitLanguageModellingHead
 from d9d.module.block.hidden_states_aggregator import (
@@ -59,6 +60,7 @@ class Qwen3DenseModel(nn.Module):
             stage,
         )
         self.layer_start = start
+        self._compute_dtype: torch.dtype | None = None
         if stage.is_current_stage_first:
             self.embed_tokens = SplitTokenEmbeddings(
                 params.split_vocab_size, params.split_vocab_order, layer_params.hidden_size
@@ -104,8 +106,7 @@ class Qwen3DenseModel(nn.Module):
         if self.stage.is_current_stage_first:
             if input_ids is None:
                 raise ValueError("input_ids is required on the first pipeline stage")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}")
+            check_batch_shape(input_ids, "input_ids")
             hidden_states = self.embed_tokens(input_ids)
             aggregator.add_hidden_states(hidden_states)
         elif hidden_states is None:
@@ -113,6 +114,8 @@ class Qwen3DenseModel(nn.Module):
                 f"hidden_states is required on pipeline stage {self.stage.current_stage} "
                 "(only the first stage takes input_ids)"
             )
+        else:
+            check_batch_shape(hidden_states, "hidden_states", trailing_dims=1)
         batch, seq = hidden_states.shape[:2]
         position_embeddings = self._position_embeddings(position_ids, batch, seq, hidden_states)
         for layer in self.layers.values():
@@ -144,7 +147,11 @@ class Qwen3DenseModel(nn.Module):
                     f"position_ids shape {tuple(position_ids.shape)} does not match "
                     f"(batch, seq) = {(batch, seq)}"
                 )
-            if position_ids.device.type != "meta" and position_ids.numel():
+            if (
+                value_checks_enabled()
+                and position_ids.device.type != "meta"
+                and position_ids.numel()
+            ):
                 low, high = (int(v) for v in position_ids.aminmax())
                 if low < 0 or high >= max_pos:
                     raise ValueError(
@@ -156,10 +163,19 @@ class Qwen3DenseModel(nn.Module):
 
     def output_dtype(self) -> torch.dtype:
         """Returns the data type of the model output hidden states."""
-        policy = getattr(self, "_d9d_compute_dtype", None)
-        if policy is not None:
-            return policy
+        if self._compute_dtype is not None:
+            return self._compute_dtype
         return next(self.parameters()).dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Declares the dtype this stage computes in, when it differs from its parameters'.
+
+        Under FSDP2 mixed precision (e.g. fp32 parameters, bf16 compute) activations leave
+        the stage in the compute dtype; pipeline metadata (``output_dtype``,
+        ``infer_stage_*``) must say so. ``d9d.stack.build_stage_modules`` calls this;
+        ``None`` goes back to the parameter dtype.
+        """
+        self._compute_dtype = dtype
 
     def reset_parameters(self) -> None:
         """Resets module parameters."""
@@ -225,6 +241,17 @@ class Qwen3DenseModel(nn.Module):
                 rows, batch, hidden, dtype=self.output_dtype(), device="meta"
             )
         return out
+
+
+def check_batch_shape(tensor: torch.Tensor, name: str, trailing_dims: int = 0) -> None:
+    """Raises ``ValueError`` unless ``tensor`` is ``(batch, seq, ...)`` with ``seq >= 1``."""
+    if tensor.dim() != 2 + trailing_dims:
+        dims = "(batch, seq" + ", hidden" * trailing_dims + ")"
+        raise ValueError(f"{name} must be {dims}, got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] == 0:
+        raise ValueError(
+            f"{name} has an empty sequence (shape {tuple(tensor.shape)}): seq must be >= 1"
+        )
 
 
 def _microbatch_shape(inputs: dict[str, torch.Tensor], n_microbatches: int) -> tuple[int, int]:

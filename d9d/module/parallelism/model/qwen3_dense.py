@@ -8,9 +8,6 @@ HSDP over the ``("dp_replicate", "dp_cp_shard", "cp_replicate")`` slice of the d
 mesh, with gradients summed over data-parallel ranks.
 """
 
-from typing import TYPE_CHECKING
-
-import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -23,9 +20,6 @@ from d9d.module.model.qwen3_dense import (
 from d9d.module.parallelism.api import parallelize_hsdp
 from d9d.pipelining.api import PipelineStageInfo
 
-if TYPE_CHECKING:
-    from d9d.compile import CompileConfig
-
 HSDP_DIMS = ("dp_replicate", "dp_cp_shard", "cp_replicate")
 """The dims of the dense mesh that dense weights are sharded/replicated over."""
 
@@ -33,7 +27,12 @@ HSDP_DIMS = ("dp_replicate", "dp_cp_shard", "cp_replicate")
 class _Plan:
     """The FSDP settings shared by every unit of one model."""
 
-    def __init__(self, dist_context: DistributedContext, compile_config: "CompileConfig | None"):
+    def __init__(
+        self,
+        dist_context: DistributedContext,
+        mp_policy: MixedPrecisionPolicy | None,
+        reshard_after_forward: bool | None,
+    ):
         params = dist_context.params
         if params.is_tensor_parallel:
             raise ValueError(
@@ -47,15 +46,9 @@ class _Plan:
                 f"{params.context_parallel_replicate}) is not supported for Qwen3 Dense yet"
             )
         self.mesh = dist_context.mesh_for(DENSE_DOMAIN)[HSDP_DIMS]
-        fsdp = compile_config.fsdp if compile_config is not None else None
-        self.param_dtype: torch.dtype | None = fsdp.torch_param_dtype() if fsdp else None
-        self.mp_policy = MixedPrecisionPolicy(
-            param_dtype=self.param_dtype,
-            reduce_dtype=fsdp.torch_reduce_dtype() if fsdp else None,
-        )
-        explicit = fsdp.reshard_after_forward if fsdp else None
-        if explicit is not None:
-            self.layer_reshard: bool | None = explicit
+        self.mp_policy = mp_policy or MixedPrecisionPolicy()
+        if reshard_after_forward is not None:
+            self.layer_reshard: bool | None = reshard_after_forward
         elif params.pipeline_parallel > 1:
             # Every microbatch would otherwise all-gather each layer again in its forward
             # and once more in its backward.
@@ -72,20 +65,16 @@ class _Plan:
             reshard_after_forward=reshard,
         )
 
+    def shard_backbone(self, model: Qwen3DenseModel, stage: PipelineStageInfo) -> None:
+        if stage.is_current_stage_first:
+            self.shard(model.embed_tokens, self.layer_reshard)
+        for layer in model.layers.values():
+            self.shard(layer, self.layer_reshard)
+
     def shard_root(self, module: nn.Module) -> None:
         # The root's own parameters are whatever no unit took (usually none); FSDP keeps
         # the root unsharded after forward by itself.
         self.shard(module, reshard=None)
-
-
-def _shard_backbone(model: Qwen3DenseModel, stage: PipelineStageInfo, plan: _Plan) -> None:
-    if plan.param_dtype is not None:
-        # Stage outputs come out in the compute dtype; infer_stage_* must say so.
-        model._d9d_compute_dtype = plan.param_dtype
-    if stage.is_current_stage_first:
-        plan.shard(model.embed_tokens, plan.layer_reshard)
-    for layer in model.layers.values():
-        plan.shard(layer, plan.layer_reshard)
 
 
 def parallelize_qwen3_dense_model(
@@ -93,7 +82,8 @@ def parallelize_qwen3_dense_model(
     model: Qwen3DenseModel,
     stage: PipelineStageInfo,
     *,
-    compile_config: "CompileConfig | None" = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool | None = None,
 ) -> None:
     """Parallelizes the base Qwen3 Dense model components.
 
@@ -109,15 +99,18 @@ def parallelize_qwen3_dense_model(
         dist_context: The distributed context.
         model: The Qwen3 Dense base model to parallelize.
         stage: Information about the current pipeline stage.
-        compile_config: Optional compile config; its ``fsdp`` section gives the
-            mixed-precision dtypes and ``reshard_after_forward``. Without it nothing is
-            cast, and layers are resharded after forward unless pipelining is on.
+        mp_policy: FSDP2 mixed-precision policy (default: no casting). With a
+            ``param_dtype``, also call ``model.set_compute_dtype(param_dtype)`` so that
+            pipeline metadata matches (``d9d.stack.build_stage_modules`` does both).
+        reshard_after_forward: ``fully_shard``'s flag for the embedding and the layers;
+            ``None`` keeps FSDP2's default without pipelining and does not reshard under
+            pipelining (each microbatch would all-gather again).
 
     Raises:
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
-    plan = _Plan(dist_context, compile_config)
-    _shard_backbone(model, stage, plan)
+    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    plan.shard_backbone(model, stage)
     plan.shard_root(model)
 
 
@@ -126,7 +119,8 @@ def parallelize_qwen3_dense_for_causal_lm(
     model: Qwen3DenseForCausalLM,
     stage: PipelineStageInfo,
     *,
-    compile_config: "CompileConfig | None" = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool | None = None,
 ) -> None:
     """Parallelizes the Qwen3 Dense Causal LM model.
 
@@ -138,13 +132,14 @@ def parallelize_qwen3_dense_for_causal_lm(
         dist_context: The distributed context containing device meshes and topology info.
         model: The Qwen3 Dense Causal LM model to parallelize.
         stage: Information about the current pipeline stage.
-        compile_config: See ``parallelize_qwen3_dense_model``.
+        mp_policy: See ``parallelize_qwen3_dense_model``.
+        reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
-    plan = _Plan(dist_context, compile_config)
-    _shard_backbone(model.model, stage, plan)
+    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.lm_head], reshard=False)
     plan.shard_root(model)
@@ -155,7 +150,8 @@ def parallelize_qwen3_dense_for_classification(
     model: Qwen3DenseForClassification,
     stage: PipelineStageInfo,
     *,
-    compile_config: "CompileConfig | None" = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool | None = None,
 ) -> None:
     """Parallelizes the Qwen3 Dense classification model.
 
@@ -166,13 +162,14 @@ def parallelize_qwen3_dense_for_classification(
         dist_context: The distributed context containing device meshes and topology info.
         model: The Qwen3 Dense classification model to parallelize.
         stage: Information about the current pipeline stage.
-        compile_config: See ``parallelize_qwen3_dense_model``.
+        mp_policy: See ``parallelize_qwen3_dense_model``.
+        reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
-    plan = _Plan(dist_context, compile_config)
-    _shard_backbone(model.model, stage, plan)
+    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.cls_head], reshard=False)
     plan.shard_root(model)
