@@ -213,6 +213,9 @@ def _device(text: str | None) -> torch.device:
     """
     if text is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            # Under torchrun each rank takes its own GPU (not the first one on every rank).
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     else:
         try:
             device = torch.device(text)

@@ -276,6 +276,10 @@ def test_cuda_device_index_becomes_the_current_device(monkeypatch):
     assert chosen == [torch.device("cuda", 1)]
     with pytest.raises(ValueError, match="cuda:2: this machine has 2 CUDA device"):
         mfu._device("cuda:2")
+    # Under torchrun the default is the local rank's GPU.
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert mfu._device(None) == torch.device("cuda", 1)
+    assert chosen[-1] == torch.device("cuda", 1)
 
 
 def test_gpu_defaults_are_a_real_shape_and_said_so(capsys):
