@@ -134,7 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=_int_at_least(1), default=1, help="warm-up steps (the first compiles)"
     )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fp32 parameters and AdamW state, --dtype compute, fp32 gradient reduction "
+        "(FSDP2 MixedPrecisionPolicy, as torchtitan reports MFU); --no-mixed-precision keeps "
+        "everything in --dtype (default: on for CUDA, off on the CPU)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     parser.add_argument(
         "--peak-tflops",
@@ -280,6 +290,9 @@ def run(args, output: _Output | None = None) -> list[Record]:
         trace_dir=args.trace,
         trace_steps=args.trace_steps,
         cold_compile=args.cold_compile,
+        mixed_precision=(
+            device.type == "cuda" if args.mixed_precision is None else args.mixed_precision
+        ),
     )
     validate_spec(spec)
     configs = [load_compile_config(name) for name in args.config]
@@ -311,6 +324,9 @@ def run(args, output: _Output | None = None) -> list[Record]:
         )
     for record in records:
         output.add(record)
+    if torch.distributed.is_initialized():
+        # The world of one that mixed precision runs FSDP2 on.
+        torch.distributed.destroy_process_group()
     notes = []
     if output.records and args.peak_tflops is None:
         note = faster_dtype_note(device, spec.dtype)

@@ -18,8 +18,11 @@ cannot run is a skipped record (checked up front), an out-of-memory (or any fail
 one preset is a record too, and the previous preset's model and optimizer state are
 garbage-collected before the next one is built.
 
-Parameters, gradients and AdamW state are all in the run's dtype (no fp32 master copy),
-which is what a bf16 benchmark of the model's compute needs and keeps CPU runs small.
+Precision: with ``mixed_precision`` (the harness's default on a GPU) parameters and AdamW
+state are fp32, FSDP2 casts them to the run's dtype for compute and reduces gradients in
+fp32 (``MixedPrecisionPolicy``; one process runs FSDP2 on a world of one), the setting
+torchtitan reports its MFU with. Without it parameters, gradients and AdamW state are all
+in the run's dtype (pure bf16: no fp32 master copy), which keeps CPU runs small.
 The synthetic batch is one fixed random batch: token values do not change the work.
 """
 
@@ -75,6 +78,9 @@ class BenchmarkSpec:
         cold_compile: Compile each config into a fresh, empty inductor cache, so that the
             first step shows the full compile cost (otherwise kernels cached on disk by
             an earlier run are reused and the first step shows mostly tracing).
+        mixed_precision: fp32 parameters and AdamW state, compute in ``dtype``, gradients
+            reduced in fp32 (FSDP2 ``MixedPrecisionPolicy``). ``False``: everything in
+            ``dtype``.
     """
 
     model_preset: str
@@ -89,6 +95,38 @@ class BenchmarkSpec:
     trace_steps: int = 3
     seed: int = 0
     cold_compile: bool = False
+    mixed_precision: bool = False
+
+
+def with_precision(
+    spec: BenchmarkSpec, compile_config: CompileConfig | None
+) -> tuple[CompileConfig, torch.dtype, str]:
+    """The preset with the run's precision, the parameter dtype, and a label for the report.
+
+    With ``spec.mixed_precision`` the preset's ``[fsdp]`` section gets
+    ``param_dtype = spec.dtype`` and ``reduce_dtype = float32`` and parameters are fp32;
+    otherwise the preset is used as it is, with parameters in ``spec.dtype``.
+
+    Args:
+        spec: The run.
+        compile_config: The compile preset (``None``: eager).
+
+    Returns:
+        ``(config, param_dtype, label)``.
+    """
+    config = compile_config or CompileConfig(name="eager")
+    dtype = _dtype_name(spec.dtype)
+    if spec.mixed_precision and spec.dtype != torch.float32:
+        fsdp = config.fsdp.model_copy(update={"param_dtype": dtype, "reduce_dtype": "float32"})
+        config = config.model_copy(update={"fsdp": fsdp})
+        label = f"mixed: float32 parameters and optimizer, {dtype} compute, float32 reduce"
+        return config, torch.float32, label
+    if config.fsdp.is_mixed_precision:  # the preset itself asks for casting
+        compute = config.fsdp.param_dtype or dtype
+        reduce = config.fsdp.reduce_dtype or dtype
+        label = f"mixed (preset): {dtype} parameters, {compute} compute, {reduce} reduce"
+        return config, spec.dtype, label
+    return config, spec.dtype, f"pure {dtype}: parameters, optimizer state and compute"
 
 
 def validate_spec(spec: BenchmarkSpec) -> None:
@@ -188,8 +226,9 @@ class SingleProcessTrainer:
             spec: The run.
             compile_config: The compile preset, or ``None`` for plain eager.
         """
+        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
         stack = build_stage_modules(
-            spec.params, compile_config, param_dtype=spec.dtype, device=spec.device, seed=spec.seed
+            spec.params, compile_config, param_dtype=param_dtype, device=spec.device, seed=spec.seed
         )
         (model,) = stack.modules
         self.float8_summary = float8_summary(stack.reports[0])
@@ -325,7 +364,7 @@ def run_benchmark(
         device=str(spec.device),
         device_name=device_name(spec.device),
         dtype=_dtype_name(spec.dtype),
-        precision=f"pure {_dtype_name(spec.dtype)}: parameters, optimizer state and compute",
+        precision=getattr(trainer, "precision", ""),
         float8=float8,
         float8_summary=getattr(trainer, "float8_summary", None),
         batch_size=spec.batch_size,

@@ -36,6 +36,7 @@ from d9d.profiling.benchmark import (
     iter_configs,
     make_adamw,
     synthetic_batch,
+    with_precision,
 )
 from d9d.profiling.peak import PeakFlops, resolve_peak_flops
 from d9d.profiling.report import ProfileRecord, Record
@@ -82,8 +83,9 @@ class DistributedTrainer:
             compile_config: The compile preset.
             n_microbatches: Pipeline microbatches (ignored without pipelining).
         """
+        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
         stack = build_stage_modules(
-            spec.params, compile_config, dist_context, param_dtype=spec.dtype, seed=spec.seed
+            spec.params, compile_config, dist_context, param_dtype=param_dtype, seed=spec.seed
         )
         (model,) = stack.modules
         (stage,) = stack.infos

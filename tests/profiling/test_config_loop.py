@@ -1,6 +1,8 @@
 """Several presets in one run: skipped and out-of-memory rows, garbage between configs."""
 
+import dataclasses
 import gc
+import math
 import sys
 import weakref
 
@@ -152,3 +154,31 @@ def test_out_of_memory_and_failures_are_rows_and_the_next_config_runs(spec, no_a
 def test_a_distributed_run_does_not_contain_failures(spec):
     with pytest.raises(torch.OutOfMemoryError):
         _run(spec, [COMPILED], lambda c: _OutOfMemoryTrainer(spec, c), contain_failures=False)
+
+
+def test_mixed_precision_keeps_fp32_parameters_and_computes_in_bf16(spec):
+    mixed = dataclasses.replace(spec, dtype=torch.bfloat16, mixed_precision=True)
+    seen = {}
+
+    def make_trainer(config):
+        trainer = SingleProcessTrainer(mixed, config)
+        seen["param_dtypes"] = {p.dtype for p in trainer.module.parameters()}
+        seen["fsdp"] = type(trainer.module).__name__
+        return trainer
+
+    try:
+        (record,) = _run(mixed, [EAGER], make_trainer)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert seen["param_dtypes"] == {torch.float32}  # the master weights
+    assert seen["fsdp"].startswith("FSDP")  # FSDP2 casts them for compute, on a world of one
+    assert record.status == "ok" and record.dtype == "bfloat16"
+    assert record.precision == (
+        "mixed: float32 parameters and optimizer, bfloat16 compute, float32 reduce"
+    )
+    assert abs(record.loss_first - math.log(512)) < 1.0
+    # Pure bf16 is the other option, labelled as such.
+    pure_spec = dataclasses.replace(mixed, mixed_precision=False)
+    (pure,) = _run(pure_spec, [EAGER], lambda config: SingleProcessTrainer(pure_spec, config))
+    assert pure.precision.startswith("pure bfloat16")
