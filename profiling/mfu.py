@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile every config into a fresh inductor cache (full compile cost)",
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="train the same log-normal documents packed vs one per padded row: useful "
+        "tokens/s, per-document FLOPs and the document mask's cost (d9d/profiling/packed.py)",
+    )
     shape = parser.add_argument_group("model shape overrides (on top of --model)")
     for flag in _SHAPE_FLAGS:
         shape.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
@@ -297,6 +303,8 @@ def run(args, output: _Output | None = None) -> list[Record]:
     validate_spec(spec)
     configs = [load_compile_config(name) for name in args.config]
     records: Iterator[Record]
+    if args.packed:
+        return _run_packed(args, spec, configs)
     if _is_distributed(args):
         from d9d.profiling.distributed import ParallelLayout, iter_distributed
 
@@ -334,6 +342,36 @@ def run(args, output: _Output | None = None) -> list[Record]:
             notes.append(note)
     output.finish(notes)
     return output.records
+
+
+def _run_packed(args, spec, configs) -> list[Record]:
+    """``--packed``: prints its own table (and JSON); returns no standard records."""
+    from d9d.profiling.packed import format_packed_table, run_packed_benchmark, write_packed_json
+
+    if _is_distributed(args):
+        raise UsageError("--packed runs in one process (no --pp/--dp-shard/--dp-replicate)")
+    float8 = {config.float8.enabled for config in configs}
+    if len(float8) > 1:
+        raise UsageError("--packed: give configs that all enable float8, or none")
+    peak = resolve_peak_flops(
+        spec.device, spec.dtype, float8=float8.pop(), override_tflops=args.peak_tflops
+    )
+    records, corpus = run_packed_benchmark(
+        spec.params,
+        configs,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        steps=spec.steps,
+        warmup=spec.warmup,
+        dtype=spec.dtype,
+        device=spec.device,
+        peak=peak,
+        seed=spec.seed,
+    )
+    print(format_packed_table(records, corpus))
+    if args.json is not None:
+        write_packed_json(args.json, records, corpus)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
