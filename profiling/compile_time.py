@@ -28,15 +28,14 @@ import time
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from d9d.compile import apply_compile_config, load_compile_config
+    from d9d.compile import load_compile_config
     from d9d.module.model.qwen3_dense import (
-        Qwen3DenseForCausalLM,
         Qwen3DenseForCausalLMParameters,
         Qwen3DenseLayerParameters,
         Qwen3DenseParameters,
     )
-    from d9d.pipelining.api import PipelineStageInfo
     from d9d.profiling.timers import DeviceClock
+    from d9d.stack import build_stage_modules
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -60,9 +59,12 @@ def _worker(args: argparse.Namespace) -> None:
             split_vocab_order=["text"],
         )
     )
-    model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
-    model.to(device=device, dtype=getattr(torch, args.dtype))
-    apply_compile_config(model, load_compile_config(args.preset))
+    (model,) = build_stage_modules(
+        params,
+        load_compile_config(args.preset),
+        param_dtype=getattr(torch, args.dtype),
+        device=device,
+    ).modules
     input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))
     input_ids = input_ids.to(device)
 

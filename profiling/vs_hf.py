@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from d9d.compile import apply_compile_config, list_presets, load_compile_config
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.compile import list_presets, load_compile_config
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
 from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.benchmark import make_adamw
 from d9d.profiling.timers import DeviceClock
+from d9d.stack import build_stage_modules
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     labels[:, -1] = -100
 
     contenders: dict[str, Callable[[], float]] = {}
+    hf_weights = state_dict_from_hf(reference.state_dict(), params.model)
 
     def hf_contender(compiled: bool) -> Callable[[], float]:
         model = Qwen3ForCausalLM(hf_config).to(dtype)
@@ -134,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_hf_compile:
         contenders["hf + per-layer compile"] = hf_contender(True)
     for name in args.config:
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False).to(dtype)
-        model.load_state_dict(state_dict_from_hf(reference.state_dict(), params.model))
-        model.to(device)
-        apply_compile_config(model, load_compile_config(name))
+        # The training stack's own builder, initialised with HF's weights.
+        (model,) = build_stage_modules(
+            params,
+            load_compile_config(name),
+            param_dtype=dtype,
+            device=device,
+            init=lambda modules: modules[0].load_state_dict(hf_weights),
+        ).modules
 
         def loss_fn(model=model) -> torch.Tensor:
             logps = model(input_ids=ids, labels=labels)["logps"]
