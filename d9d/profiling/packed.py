@@ -23,20 +23,21 @@ document mask on a packed row, plus the time to build the mask once per forward.
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d9d.compile import CompileConfig
 from d9d.dataset import materialize_rows, plan_packed_rows
 from d9d.module.block.document_mask import build_document_mask, document_ids_from_position_ids
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
-from d9d.pipelining.api import PipelineStageInfo
-from d9d.profiling.benchmark import device_name, make_adamw
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.profiling.benchmark import device_name, make_adamw, release_memory
 from d9d.profiling.flops import packed_training_flops_per_token
 from d9d.profiling.peak import PeakFlops
+from d9d.stack import build_stage_modules
 
 LENGTH_SIGMA = 1.0
 """Sigma of the log-normal document lengths (their mean is ``seq_len / 8``)."""
@@ -109,8 +110,7 @@ def _train_steps(model, optimizer, batches, device, warmup: int) -> tuple[list[f
 
 def run_packed_benchmark(
     params: Qwen3DenseForCausalLMParameters,
-    configs: dict,
-    apply_config: Callable,
+    configs: Sequence[CompileConfig],
     *,
     batch_size: int,
     seq_len: int,
@@ -165,15 +165,10 @@ def run_packed_benchmark(
         "packed": _segment_lengths(packed["position_ids"], packed["labels"]),
     }
     records = []
-    for config in configs.values():
+    for config in configs:
         for layout, (batches, efficiency) in layouts.items():
-            torch.manual_seed(seed)
-            with torch.device("meta"):
-                model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
-            model.to(dtype)
-            apply_config(model, config)
-            model.to_empty(device=device)
-            model.reset_parameters()
+            stack = build_stage_modules(params, config, param_dtype=dtype, device=device, seed=seed)
+            (model,) = stack.modules
             optimizer, _ = make_adamw(model.parameters())
             log(f"[{config.name}/{layout}] {warmup} warm-up + {steps} measured steps")
             times, useful = _train_steps(model, optimizer, batches, device, warmup)
@@ -195,7 +190,8 @@ def run_packed_benchmark(
                     mfu=achieved / peak.flops_per_second,
                 )
             )
-            del model, optimizer
+            del stack, model, optimizer
+            release_memory(device)
     corpus = {
         "num_documents": len(lengths),
         "length_distribution": f"log-normal, mean seq_len/8 = {mean:g}, sigma {LENGTH_SIGMA}, "

@@ -9,6 +9,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from d9d.module.block.norm import RMSNorm
 from d9d.module.block.rope import apply_rotary_pos_emb
+from d9d.module.block.sdpa_kernels import grouped_query_sdpa
 
 
 class GroupedQueryAttention(nn.Module):
@@ -71,16 +72,14 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rotary_pos_emb(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
         scale = self.head_dim**-0.5
-        enable_gqa = self.num_attention_heads != self.num_key_value_heads
         if attention_mask is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa
-            )
+            out = grouped_query_sdpa(q, k, v, scale=scale)
         elif isinstance(attention_mask, BlockMask):
+            enable_gqa = self.num_attention_heads != self.num_key_value_heads
             out = _flex_attention(q, k, v, attention_mask, scale, enable_gqa)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, scale=scale, enable_gqa=enable_gqa
+            out = grouped_query_sdpa(
+                q, k, v, scale=scale, is_causal=False, attn_mask=attention_mask
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
