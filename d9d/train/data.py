@@ -183,6 +183,31 @@ class DocumentCorpus:
     def __len__(self) -> int:
         return int(self.doc_lengths.size)
 
+    def split_long_documents(self, max_length: int) -> "DocumentCorpus":
+        """The same corpus, with documents longer than ``max_length`` cut into pieces.
+
+        The packer gives a long document's continuation chunks positions that continue
+        (a chunk starting 3000 tokens in starts at position 3000), so no document may be
+        longer than the model has positions: each piece becomes a document of its own,
+        its positions restarting at 0 (the usual truncation to the context length).
+
+        Args:
+            max_length: The model's ``max_position_ids``.
+        """
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        pieces = -(-self.doc_lengths // max_length)  # ceil division
+        doc = np.repeat(np.arange(self.doc_lengths.size), pieces)
+        offset = (np.arange(doc.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * max_length
+        lengths = np.minimum(self.doc_lengths[doc] - offset, max_length)
+        keep = lengths >= 2
+        split = object.__new__(DocumentCorpus)
+        split.files = self.files
+        split._file_of = self._file_of[doc][keep]
+        split._start = (self._start[doc] + offset)[keep]
+        split.doc_lengths = lengths[keep]
+        return split
+
     @property
     def num_tokens(self) -> int:
         """Tokens in all documents."""

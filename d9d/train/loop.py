@@ -212,6 +212,7 @@ class Trainer:
         self.tokenizer = tokenizer
         corpus = self._corpus(tokenizer)
         self.params = model_params_for(config, tokenizer.vocab_size)
+        corpus = corpus.split_long_documents(self.params.model.max_position_ids)
         vocab = self.params.model.vocab_size
         top = corpus.max_token_id()
         if top >= vocab:

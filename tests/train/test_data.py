@@ -133,3 +133,18 @@ def test_stdlib_corpus_is_found():
     names = {f.name for f in files}
     assert {"os.py", "typing.py"} <= names
     assert not any("site-packages" in f.parts for f in files)
+
+
+def test_long_documents_are_cut_to_the_models_positions():
+    import numpy as np
+
+    from d9d.train.data import DocumentCorpus, TokenFile
+
+    tokens = np.arange(20, dtype=np.uint16)
+    corpus = DocumentCorpus([TokenFile("mem", tokens, np.array([0, 5]), np.array([5, 15]))])
+    split = corpus.split_long_documents(4)
+    # 5 -> 4 (+ a 1-token rest, too short to train on); 15 -> 4 + 4 + 4 + 3.
+    assert split.doc_lengths.tolist() == [4, 4, 4, 4, 3]
+    pieces = [split.get_tokens(i, 0, int(n)).tolist() for i, n in enumerate(split.doc_lengths)]
+    assert pieces[1:] == [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19]]
+    assert corpus.doc_lengths.tolist() == [5, 15]  # the original is untouched
