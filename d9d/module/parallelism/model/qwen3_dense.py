@@ -18,6 +18,9 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.module.parallelism.api import parallelize_hsdp
+from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
+    apply_tensor_parallel_qwen3_dense,
+)
 from d9d.pipelining.api import PipelineStageInfo
 
 HSDP_DIMS = ("dp_replicate", "dp_cp_shard", "cp_replicate")
@@ -34,11 +37,6 @@ class _Plan:
         reshard_after_forward: bool | None,
     ):
         params = dist_context.params
-        if params.is_tensor_parallel:
-            raise ValueError(
-                f"tensor parallelism (tensor_parallel={params.tensor_parallel}) is not "
-                "supported for Qwen3 Dense yet"
-            )
         if params.is_context_parallel:
             raise ValueError(
                 "context parallelism (context_parallel_shard="
@@ -110,6 +108,7 @@ def parallelize_qwen3_dense_model(
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model, stage)
     plan.shard_root(model)
 
@@ -139,6 +138,7 @@ def parallelize_qwen3_dense_for_causal_lm(
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.lm_head], reshard=False)
@@ -169,6 +169,7 @@ def parallelize_qwen3_dense_for_classification(
         ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.cls_head], reshard=False)

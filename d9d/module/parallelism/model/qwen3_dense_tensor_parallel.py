@@ -1,0 +1,238 @@
+"""Tensor parallelism with sequence parallelism for Qwen3 Dense: where the TP plans live.
+
+On the ``tp`` dim of the dense mesh, per pipeline stage:
+
+* token embedding (first stage): every vocabulary split sharded by rows; the lookup's
+  partial sums are reduce-scattered onto the sequence dimension;
+* residual stream: a ``DTensor`` sharded on the sequence dimension (``Shard(1)``)
+  between and inside the layers, so the RMSNorms run sequence-parallel on ``S / tp``
+  tokens per rank;
+* each layer: the attention and MLP inputs are all-gathered once; q/k/v and gate/up are
+  column-wise (each rank holds ``heads / tp`` query and ``kv_heads / tp`` key/value heads,
+  ``intermediate / tp`` MLP columns) and return plain local tensors, so the q/k norms,
+  RoPE and ``scaled_dot_product_attention`` run on the local heads (torch has no DTensor
+  sharding rule for SDPA on the CPU); o and down are row-wise and reduce-scatter back onto
+  the sequence dimension;
+* final norm (last stage): sequence-parallel; the stage's ``hidden_states`` output is
+  then all-gathered into a plain tensor, the same on every rank;
+* LM head: every split sharded by rows (vocabulary); the loss reduces the max,
+  logsumexp and label pick over the group, chunk by chunk, so no rank ever holds
+  full-vocabulary logits (see ``d9d.module.block.chunked_nll``); ``logps`` is complete
+  on every rank;
+* classification head: replicated (``num_labels`` is small); it scores the gathered
+  hidden states on every rank, so ``scores`` and its gradients are complete everywhere.
+
+Between pipeline stages the hidden states travel whole (plain tensors, the same on every
+TP rank): the receiving stage takes its sequence shard without communication.
+
+Float8 linears use torchao's float8 tensor-parallel styles, which need CUDA; on the CPU a
+float8 preset under tensor parallelism is refused.
+"""
+
+import weakref
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from d9d.core.dist_context import DENSE_DOMAIN, DistributedContext
+from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
+from d9d.module.model.qwen3_dense import (
+    Qwen3DenseForCausalLM,
+    Qwen3DenseForClassification,
+    Qwen3DenseModel,
+)
+from d9d.module.parallelism.tensor_parallel import (
+    ReplicateFirstInput,
+    VocabParallelEmbedding,
+    VocabParallelWeights,
+    full_local,
+)
+from d9d.pipelining.api import PipelineStageInfo
+
+# Models that already carry their TP plan (the builder applies it before activation
+# checkpointing and compile; parallelize_* then only adds FSDP2).
+_applied: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _backbone(model: nn.Module) -> Qwen3DenseModel:
+    if isinstance(model, Qwen3DenseModel):
+        return model
+    if isinstance(model, Qwen3DenseForCausalLM | Qwen3DenseForClassification):
+        return model.model
+    raise ValueError(
+        "tensor parallelism expects Qwen3DenseModel, Qwen3DenseForCausalLM or "
+        f"Qwen3DenseForClassification, got {type(model).__name__}"
+    )
+
+
+def validate_tensor_parallel(model: nn.Module, tensor_parallel: int) -> None:
+    """Raises ``ValueError`` unless ``model``'s shapes split evenly over ``tensor_parallel``.
+
+    Checks the query heads, key/value heads, MLP intermediate size and every vocabulary
+    split, and refuses what the plan does not cover (hidden-state snapshots). Runs
+    before any communication.
+
+    Args:
+        model: A Qwen3 Dense model or stage (its parameters, not its device, matter).
+        tensor_parallel: The tensor-parallel degree.
+    """
+    backbone = _backbone(model)
+    params = backbone.params
+    layer = params.layer
+    sizes = {
+        "num_attention_heads": layer.num_attention_heads,
+        "num_key_value_heads": layer.num_key_value_heads,
+        "intermediate_size": layer.intermediate_size,
+    }
+    for name in params.split_vocab_order:
+        sizes[f"split_vocab_size[{name!r}]"] = params.split_vocab_size[name]
+    for what, value in sizes.items():
+        if value % tensor_parallel:
+            raise ValueError(
+                f"{what}={value} is not divisible by tensor_parallel={tensor_parallel} "
+                "(tensor parallelism splits it evenly across the tensor-parallel ranks)"
+            )
+    if backbone.hidden_states_snapshot_mode is not HiddenStatesAggregationMode.no:
+        raise ValueError(
+            f"hidden_states_snapshot_mode={backbone.hidden_states_snapshot_mode.value!r} is "
+            f"not supported with tensor parallelism (tensor_parallel={tensor_parallel}); "
+            "use 'no'"
+        )
+
+
+def _is_float8(module: nn.Module) -> bool:
+    return type(module).__name__ == "Float8Linear"
+
+
+def _linear_styles(layer: nn.Module, device: torch.device) -> tuple[type, type]:
+    """Column/row-wise styles for the layer's linears: torchao's when they are float8."""
+    float8 = [name for name, m in layer.named_modules() if _is_float8(m)]
+    if not float8:
+        return ColwiseParallel, RowwiseParallel
+    if device.type != "cuda":
+        raise ValueError(
+            f"float8 linears ({', '.join(float8[:3])}, ...) under tensor parallelism need "
+            f"torchao's float8 tensor-parallel styles, which run on CUDA only (device is "
+            f"{device.type!r}); use a compile preset without float8, or tensor_parallel=1"
+        )
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+    )
+
+    if len(float8) != sum(isinstance(m, nn.Linear) for m in layer.modules()):
+        raise ValueError(
+            "tensor parallelism with float8 needs every linear of a layer in float8 or none"
+        )
+    return Float8ColwiseParallel, Float8RowwiseParallel
+
+
+def _layer_plan(colwise: type, rowwise: type) -> dict[str, ParallelStyle]:
+    return {
+        "input_layernorm": SequenceParallel(),
+        "self_attn": ReplicateFirstInput(),
+        "self_attn.q_proj": colwise(),
+        "self_attn.k_proj": colwise(),
+        "self_attn.v_proj": colwise(),
+        # The q/k norms see (B, S, local heads, head_dim): their shared weight is
+        # replicated and its gradient summed over the ranks' heads.
+        "self_attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+        "self_attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+        "self_attn.o_proj": rowwise(output_layouts=Shard(1), use_local_output=False),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": ReplicateFirstInput(),
+        "mlp.gate_proj": colwise(),
+        "mlp.up_proj": colwise(),
+        "mlp.down_proj": rowwise(output_layouts=Shard(1), use_local_output=False),
+    }
+
+
+def _install_stage_boundary(backbone: Qwen3DenseModel, mesh: DeviceMesh) -> None:
+    """Hooks that turn the stage's plain inputs/outputs into the sharded residual stream."""
+    tp = mesh.size()
+
+    def check_seq(name: str, tensor: torch.Tensor) -> None:
+        if tensor.dim() >= 2 and tensor.shape[1] % tp:
+            raise ValueError(
+                f"sequence length {tensor.shape[1]} ({name}) is not divisible by "
+                f"tensor_parallel={tp} (sequence parallelism splits the sequence across "
+                "the tensor-parallel ranks)"
+            )
+
+    def pre_hook(_module, args, kwargs):
+        if args:
+            raise ValueError(
+                "under tensor parallelism, call the Qwen3 Dense stage with keyword arguments"
+            )
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None:
+            check_seq("input_ids", input_ids)
+        hidden = kwargs.get("hidden_states")
+        if hidden is not None and not isinstance(hidden, DTensor):
+            check_seq("hidden_states", hidden)
+            # Every TP rank received the whole hidden states: keep this rank's sequence
+            # shard (no communication; the backward all-gathers the gradient).
+            whole = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
+            kwargs = {**kwargs, "hidden_states": whole.redistribute(mesh, [Shard(1)])}
+        return args, kwargs
+
+    def post_hook(_module, _args, _kwargs, output):
+        output["hidden_states"] = full_local(output["hidden_states"])
+        return output
+
+    backbone.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    backbone.register_forward_hook(post_hook, with_kwargs=True)
+
+
+def apply_tensor_parallel_qwen3_dense(
+    dist_context: DistributedContext, model: nn.Module, stage: PipelineStageInfo
+) -> bool:
+    """Applies the tensor/sequence-parallel plan to a Qwen3 Dense model or stage, in place.
+
+    Works on a model built on ``meta`` (call ``to_empty`` + ``reset_parameters()`` or
+    load a checkpoint afterwards) and keeps every parameter name. Apply it after float8
+    and before activation checkpointing and compile (``d9d.stack.build_stage_modules``
+    does); ``parallelize_qwen3_dense_*`` apply it themselves when it has not been
+    applied yet. A second call on the same model does nothing.
+
+    Args:
+        dist_context: The distributed context (its ``tp`` dim decides the degree).
+        model: ``Qwen3DenseModel``, ``Qwen3DenseForCausalLM`` or
+            ``Qwen3DenseForClassification``.
+        stage: The pipeline stage ``model`` holds.
+
+    Returns:
+        Whether a plan was applied (``False`` for ``tensor_parallel=1`` or a repeat call).
+
+    Raises:
+        ValueError: If a dimension is not divisible by the degree, or the model asks for
+            something the plan does not cover (see :func:`validate_tensor_parallel`).
+    """
+    degree = dist_context.params.tensor_parallel
+    if degree == 1 or model in _applied:
+        return False
+    validate_tensor_parallel(model, degree)
+    backbone = _backbone(model)
+    layers = list(backbone.layers.values())
+    styles = [_linear_styles(layer, dist_context.device) for layer in layers]
+    mesh = dist_context.mesh_for(DENSE_DOMAIN)["tp"]
+    if stage.is_current_stage_first:
+        parallelize_module(backbone.embed_tokens, mesh, VocabParallelEmbedding())
+    for layer, (colwise, rowwise) in zip(layers, styles, strict=True):
+        parallelize_module(layer, mesh, _layer_plan(colwise, rowwise))
+    if stage.is_current_stage_last:
+        parallelize_module(backbone.norm, mesh, SequenceParallel())
+        if isinstance(model, Qwen3DenseForCausalLM):
+            parallelize_module(model.lm_head, mesh, VocabParallelWeights())
+    _install_stage_boundary(backbone, mesh)
+    _applied.add(model)
+    return True

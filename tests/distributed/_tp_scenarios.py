@@ -1,0 +1,216 @@
+"""Tensor-parallel scenarios run inside spawned gloo ranks (``tests.helpers.run_spawned``).
+
+Each layout is compared with a single-process reference holding the same weights and
+fed the same global batch (rebuilt on every rank: the model is tiny). Results are
+relative errors of the loss, the per-token outputs and every gathered gradient, plus
+the checks that gradients are complete when ``backward()`` returns (every gradient has
+its parameter's placements, nothing left partial).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from d9d.core.dist_context import DeviceMeshParameters
+from d9d.dataset import token_pooling_mask_from_attention_mask
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
+from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.stack import build_stage_modules
+from tests.helpers import guarded, small_causal_lm_params, small_classification_params
+
+GLOBAL_BATCH = 4
+SEQ = 8
+# Three vocabulary splits in non-alphabetical order, each divisible by 2 and by 4.
+SPLITS = {"text": 40, "code": 24, "special": 8}
+SPLIT_ORDER = ["text", "special", "code"]
+VOCAB = sum(SPLITS.values())
+MODEL_KW = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_ids=32,
+    split_vocab_size=SPLITS,
+    split_vocab_order=SPLIT_ORDER,
+)
+
+
+def _params(kind: str, num_layers: int = 2, **overrides):
+    kw = dict(MODEL_KW, num_hidden_layers=num_layers, **overrides)
+    if kind == "causal_lm":
+        return small_causal_lm_params(**kw)
+    return small_classification_params(num_labels=3, **kw)
+
+
+def _model_cls(kind: str):
+    return Qwen3DenseForCausalLM if kind == "causal_lm" else Qwen3DenseForClassification
+
+
+def _batch(kind: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4321)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    ids[0, 1], ids[1, 2] = VOCAB - 1, SPLITS["text"]  # both ends of the later splits
+    lengths = torch.tensor([8, 3, 7, 5])
+    attention = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    batch = {
+        "input_ids": ids[:, :-1].contiguous(),
+        "position_ids": torch.arange(SEQ)[None, :] * (1 + torch.arange(GLOBAL_BATCH)[:, None] % 2),
+    }
+    if kind == "causal_lm":
+        labels = ids[:, 1:].clone()
+        labels[attention == 0] = -100
+        batch["labels"] = labels
+    else:
+        batch["pooling_mask"] = token_pooling_mask_from_attention_mask(attention, "last")
+        batch["labels"] = torch.tensor([2, 0, -100, 1])
+    return batch
+
+
+def _forward_kwargs(kind: str, batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels" or kind == "causal_lm"}
+
+
+def _loss_sum(kind: str, out: dict, labels: torch.Tensor) -> torch.Tensor:
+    if kind == "causal_lm":
+        return out["logps"].sum()
+    return F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum")
+
+
+def _reference(kind: str, num_layers: int):
+    torch.manual_seed(0)
+    model = _model_cls(kind)(_params(kind, num_layers), PipelineStageInfo(0, 1), "no", False)
+    model.reset_parameters()
+    with torch.no_grad():
+        # Non-unit norm weights, so a norm applied on the wrong shard shows up.
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    batch = _batch(kind)
+    out = model(**_forward_kwargs(kind, batch))
+    count = (batch["labels"] != -100).sum()
+    loss = _loss_sum(kind, out, batch["labels"]) / count
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    head = "logps" if kind == "causal_lm" else "scores"
+    return model, batch, out[head].detach(), loss.detach(), grads
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _build(ctx, kind, num_layers, ref_state, compile_config=None):
+    stack = build_stage_modules(
+        _params(kind, num_layers),
+        compile_config,
+        ctx,
+        init="reset",
+        seed=77 + dist.get_rank(),  # a different init: the load must overwrite it
+    )
+    for model in stack.modules:
+        set_model_state_dict(
+            model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    return stack
+
+
+def _grad_report(models, ref_grads) -> dict:
+    worst, names, incomplete, placements = 0.0, [], [], {}
+    for model in models:
+        for name, param in model.named_parameters():
+            grad = param.grad
+            names.append(name)
+            if isinstance(param, DTensor):
+                placements[name] = [str(p) for p in param.placements]
+                if grad.placements != param.placements:
+                    incomplete.append(f"{name}: grad {grad.placements} vs {param.placements}")
+            worst = max(worst, _rel(_full(grad), ref_grads[name]))
+    return {
+        "grad_rel": worst,
+        "checked_params": names,
+        "incomplete_grads": incomplete,
+        "placements": placements,
+    }
+
+
+def run_tp_layout(
+    mesh: dict,
+    kind: str = "causal_lm",
+    schedule: str | None = None,
+    num_layers: int = 2,
+    compile_config: str | None = None,
+) -> dict:
+    """One training step under ``mesh``; relative errors to the single-process reference."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from d9d.compile import load_compile_config
+
+    config = load_compile_config(compile_config) if compile_config else None
+    graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
+    breaks_before = sum(dynamo_utils.counters["graph_break"].values())
+    ref, batch, ref_head, ref_loss, ref_grads = _reference(kind, num_layers)
+    ctx = DeviceMeshParameters(**mesh).build()
+    per_rank = GLOBAL_BATCH // ctx.dp_size
+    rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
+    local = {k: v[rows] for k, v in batch.items()}
+    stack = _build(ctx, kind, num_layers, ref.state_dict(), config)
+    head = "logps" if kind == "causal_lm" else "scores"
+    result: dict = {}
+    if schedule is None:
+        (model,) = stack.modules
+        out = model(**_forward_kwargs(kind, local))
+        count = (local["labels"] != -100).sum().float()
+        dist.all_reduce(count, group=ctx.dp_group)
+        loss = _loss_sum(kind, out, local["labels"]) / count
+        loss.backward()
+        loss = loss.detach()
+        dist.all_reduce(loss, group=ctx.dp_group)
+        outputs, has_last = out, True
+    else:
+        loss_fn = CausalLMLoss() if kind == "causal_lm" else ClassificationLoss()
+        pipe = build_pipeline_schedule(
+            ctx, stack.modules, stack.infos, local, 2, loss_fn, kind=schedule
+        )
+        step = pipe.step(local, return_outputs=True)
+        loss, outputs, has_last = step.loss, step.outputs, pipe.has_last_stage
+    if has_last:
+        value = outputs[head]
+        result["head_type"] = type(value).__name__
+        result["loss_rel"] = _rel(loss, ref_loss)
+        result["output_rel"] = _rel(_full(value), ref_head[rows])
+    result.update(_grad_report(stack.modules, ref_grads))
+    result["all_params"] = sorted(ref_grads)
+    result["graph_breaks"] = sum(dynamo_utils.counters["graph_break"].values()) - breaks_before
+    result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
+    return result
+
+
+TWO_RANK_TP = {
+    "tp=2 causal_lm": dict(mesh={"tensor_parallel": 2}),
+    "tp=2 classification": dict(mesh={"tensor_parallel": 2}, kind="classification"),
+}
+
+FOUR_RANK_TP = {
+    "dp_shard=2 x tp=2 causal_lm": dict(mesh={"data_parallel_shard": 2, "tensor_parallel": 2}),
+}
+
+
+def two_rank_job(workdir: str) -> dict:
+    """Every two-rank tensor-parallel scenario, one result per name."""
+    results = {name: guarded(run_tp_layout, **spec) for name, spec in TWO_RANK_TP.items()}
+    return results
+
+
+def four_rank_job(workdir: str) -> dict:
+    """Every four-rank tensor-parallel scenario, one result per name."""
+    return {name: guarded(run_tp_layout, **spec) for name, spec in FOUR_RANK_TP.items()}
