@@ -149,8 +149,13 @@ def run_tp_layout(
     schedule: str | None = None,
     num_layers: int = 2,
     compile_config: str | None = None,
+    chunk_tokens: int | None = None,
 ) -> dict:
-    """One training step under ``mesh``; relative errors to the single-process reference."""
+    """One training step under ``mesh``; relative errors to the single-process reference.
+
+    ``chunk_tokens`` bounds the LM head's logits to that many tokens (several chunks,
+    recomputed in backward) instead of keeping them all.
+    """
     import torch._dynamo.utils as dynamo_utils
 
     from d9d.compile import load_compile_config
@@ -164,6 +169,10 @@ def run_tp_layout(
     rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     local = {k: v[rows] for k, v in batch.items()}
     stack = _build(ctx, kind, num_layers, ref.state_dict(), config)
+    if chunk_tokens is not None:
+        head = stack.modules[-1].lm_head
+        local_vocab = VOCAB // ctx.params.tensor_parallel
+        head.logits_chunk_bytes = chunk_tokens * local_vocab * 4
     head = "logps" if kind == "causal_lm" else "scores"
     result: dict = {}
     if schedule is None:
@@ -188,6 +197,7 @@ def run_tp_layout(
         result["head_type"] = type(value).__name__
         result["loss_rel"] = _rel(loss, ref_loss)
         result["output_rel"] = _rel(_full(value), ref_head[rows])
+    result["steps"] = stack.reports[0].steps
     result.update(_grad_report(stack.modules, ref_grads))
     result["all_params"] = sorted(ref_grads)
     result["graph_breaks"] = sum(dynamo_utils.counters["graph_break"].values()) - breaks_before
@@ -195,19 +205,86 @@ def run_tp_layout(
     return result
 
 
+TP2 = {"tensor_parallel": 2}
 TWO_RANK_TP = {
-    "tp=2 causal_lm": dict(mesh={"tensor_parallel": 2}),
-    "tp=2 classification": dict(mesh={"tensor_parallel": 2}, kind="classification"),
+    "tp=2 causal_lm": dict(mesh=TP2),
+    "tp=2 classification": dict(mesh=TP2, kind="classification"),
+    "tp=2 causal_lm chunked head": dict(mesh=TP2, chunk_tokens=5),
+    "tp=2 causal_lm compile_sac": dict(mesh=TP2, compile_config="compile_sac"),
+    "tp=2 classification compile_sac": dict(
+        mesh=TP2, kind="classification", compile_config="compile_sac"
+    ),
 }
 
 FOUR_RANK_TP = {
-    "dp_shard=2 x tp=2 causal_lm": dict(mesh={"data_parallel_shard": 2, "tensor_parallel": 2}),
+    "dp_shard=2 x tp=2 causal_lm": dict(mesh={"data_parallel_shard": 2, **TP2}),
+    "dp_replicate=2 x tp=2 classification": dict(
+        mesh={"data_parallel_replicate": 2, **TP2}, kind="classification"
+    ),
+    "pp=2 x tp=2 causal_lm 1f1b": dict(
+        mesh={"pipeline_parallel": 2, **TP2}, schedule="1f1b", num_layers=4
+    ),
+    "pp=2 x tp=2 classification 1f1b": dict(
+        mesh={"pipeline_parallel": 2, **TP2}, kind="classification", schedule="1f1b"
+    ),
 }
+
+
+def tp_errors() -> dict:
+    """The user errors of tensor parallelism under tp=2, each message (``None``: no error).
+
+    Shape errors come from the builder before any communication; the sequence-length
+    error comes from the forward on every rank alike, after which a right batch still
+    trains (no rank was left waiting in a collective).
+    """
+    ctx = DeviceMeshParameters(**TP2).build()
+    errors: dict = {}
+
+    def record(name, fn):
+        try:
+            fn()
+        except ValueError as err:
+            errors[name] = str(err)
+        else:
+            errors[name] = None
+
+    bad_shapes = {
+        "num_attention_heads": dict(num_attention_heads=3, num_key_value_heads=3),
+        "num_key_value_heads": dict(num_key_value_heads=1),
+        "intermediate_size": dict(intermediate_size=63),
+        "vocab split": dict(split_vocab_size={"text": 41, "code": 23, "special": 8}),
+    }
+    for name, overrides in bad_shapes.items():
+        params = _params("causal_lm", **overrides)
+        record(name, lambda params=params: build_stage_modules(params, None, ctx))
+    record(
+        "snapshot mean",
+        lambda: build_stage_modules(
+            _params("causal_lm"), None, ctx, hidden_states_snapshot_mode="mean"
+        ),
+    )
+    from d9d.compile import load_compile_config
+
+    record(
+        "float8 on cpu",
+        lambda: build_stage_modules(
+            _params("causal_lm"), load_compile_config("compile_sac_float8"), ctx
+        ),
+    )
+    (model,) = build_stage_modules(_params("causal_lm"), None, ctx).modules
+    batch = _batch("causal_lm")
+    odd = {k: v[:, :7] for k, v in batch.items()}
+    record("sequence length", lambda: model(**odd))
+    loss = model(**batch)["logps"].sum()
+    loss.backward()
+    errors["good_step_loss"] = loss.item()
+    return errors
 
 
 def two_rank_job(workdir: str) -> dict:
     """Every two-rank tensor-parallel scenario, one result per name."""
     results = {name: guarded(run_tp_layout, **spec) for name, spec in TWO_RANK_TP.items()}
+    results["errors"] = guarded(tp_errors)
     return results
 
 
