@@ -7,6 +7,8 @@ the checks that gradients are complete when ``backward()`` returns (every gradie
 its parameter's placements, nothing left partial).
 """
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -16,6 +18,10 @@ from torch.distributed.tensor import DTensor
 from d9d.core.dist_context import DeviceMeshParameters
 from d9d.dataset import token_pooling_mask_from_attention_mask
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification
+from d9d.module.parallelism.model.qwen3_dense import (
+    parallelize_qwen3_dense_for_causal_lm,
+    parallelize_qwen3_dense_for_classification,
+)
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
@@ -81,7 +87,8 @@ def _loss_sum(kind: str, out: dict, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum")
 
 
-def _reference(kind: str, num_layers: int):
+def reference_model(kind: str = "causal_lm", num_layers: int = 2) -> torch.nn.Module:
+    """The single-process model every scenario compares with (same weights everywhere)."""
     torch.manual_seed(0)
     model = _model_cls(kind)(_params(kind, num_layers), PipelineStageInfo(0, 1), "no", False)
     model.reset_parameters()
@@ -90,6 +97,11 @@ def _reference(kind: str, num_layers: int):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+    return model
+
+
+def _reference(kind: str, num_layers: int):
+    model = reference_model(kind, num_layers)
     batch = _batch(kind)
     out = model(**_forward_kwargs(kind, batch))
     count = (batch["labels"] != -100).sum()
@@ -109,14 +121,36 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _build(ctx, kind, num_layers, ref_state, compile_config=None):
-    stack = build_stage_modules(
-        _params(kind, num_layers),
-        compile_config,
-        ctx,
-        init="reset",
-        seed=77 + dist.get_rank(),  # a different init: the load must overwrite it
+def _build_user_order(ctx, kind, num_layers, compile_config):
+    """What a user without the builder writes: compile preset, parallelize, materialise."""
+    from d9d.compile import apply_compile_config
+
+    info = PipelineStageInfo(0, 1)
+    with torch.device("meta"):
+        model = _model_cls(kind)(_params(kind, num_layers), info, "no", False)
+    report = apply_compile_config(model, compile_config)
+    parallelize = (
+        parallelize_qwen3_dense_for_causal_lm
+        if kind == "causal_lm"
+        else parallelize_qwen3_dense_for_classification
     )
+    parallelize(ctx, model, info)
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    return SimpleNamespace(modules=[model], infos=[info], reports=[report])
+
+
+def _build(ctx, kind, num_layers, ref_state, compile_config=None, user_order=False):
+    if user_order:
+        stack = _build_user_order(ctx, kind, num_layers, compile_config)
+    else:
+        stack = build_stage_modules(
+            _params(kind, num_layers),
+            compile_config,
+            ctx,
+            init="reset",
+            seed=77 + dist.get_rank(),  # a different init: the load must overwrite it
+        )
     for model in stack.modules:
         set_model_state_dict(
             model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
@@ -150,11 +184,14 @@ def run_tp_layout(
     num_layers: int = 2,
     compile_config: str | None = None,
     chunk_tokens: int | None = None,
+    user_order: bool = False,
 ) -> dict:
     """One training step under ``mesh``; relative errors to the single-process reference.
 
     ``chunk_tokens`` bounds the LM head's logits to that many tokens (several chunks,
-    recomputed in backward) instead of keeping them all.
+    recomputed in backward) instead of keeping them all. ``user_order`` builds without
+    the builder: ``apply_compile_config``, then ``parallelize_*`` (which applies the TP
+    plan after checkpointing and compile), then ``to_empty`` and ``reset_parameters()``.
     """
     import torch._dynamo.utils as dynamo_utils
 
@@ -168,7 +205,7 @@ def run_tp_layout(
     per_rank = GLOBAL_BATCH // ctx.dp_size
     rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     local = {k: v[rows] for k, v in batch.items()}
-    stack = _build(ctx, kind, num_layers, ref.state_dict(), config)
+    stack = _build(ctx, kind, num_layers, ref.state_dict(), config, user_order)
     if chunk_tokens is not None:
         head = stack.modules[-1].lm_head
         local_vocab = VOCAB // ctx.params.tensor_parallel
@@ -211,8 +248,8 @@ TWO_RANK_TP = {
     "tp=2 classification": dict(mesh=TP2, kind="classification"),
     "tp=2 causal_lm chunked head": dict(mesh=TP2, chunk_tokens=5),
     "tp=2 causal_lm compile_sac": dict(mesh=TP2, compile_config="compile_sac"),
-    "tp=2 classification compile_sac": dict(
-        mesh=TP2, kind="classification", compile_config="compile_sac"
+    "tp=2 classification compile_sac user order": dict(
+        mesh=TP2, kind="classification", compile_config="compile_sac", user_order=True
     ),
 }
 
@@ -279,6 +316,63 @@ def tp_errors() -> dict:
     loss.backward()
     errors["good_step_loss"] = loss.item()
     return errors
+
+
+def _mismatched(models, reference: dict[str, torch.Tensor]) -> dict:
+    names, mismatched = [], []
+    for model in models:
+        for name, value in model.state_dict().items():
+            names.append(name)
+            if not torch.equal(_full(value), reference[name]):
+                mismatched.append(name)
+    return {"names": sorted(names), "mismatched": mismatched}
+
+
+def checkpoint_job(workdir: str, folder: str) -> dict:
+    """DCP and HF checkpoints across tp=2 / dp_shard=2 / one process (2 ranks).
+
+    ``folder/single`` holds a DCP checkpoint written by one process before the job; the
+    job loads it under tp=2, writes ``folder/tp2`` from tp=2 and loads that under
+    dp_shard=2, and exports/reloads an HF folder under tp=2. The test process then loads
+    ``folder/tp2`` and the HF folder in one process.
+    """
+    from d9d.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from d9d.module.model.qwen3_dense.hf_io import load_hf_checkpoint, save_hf_checkpoint
+
+    reference = reference_model().state_dict()
+    results = {}
+
+    def fresh(mesh: dict):
+        ctx = DeviceMeshParameters(**mesh).build()
+        return build_stage_modules(_params("causal_lm"), None, ctx, init="reset", seed=5).modules
+
+    def single_to_tp():
+        models = fresh(TP2)
+        load_model_checkpoint(models, f"{folder}/single")
+        return _mismatched(models, reference)
+
+    def tp_to_dp_shard():
+        models = fresh(TP2)
+        load_model_checkpoint(models, f"{folder}/single")
+        save_model_checkpoint(models, f"{folder}/tp2")
+        dist.barrier()
+        loaded = fresh({"data_parallel_shard": 2})
+        load_model_checkpoint(loaded, f"{folder}/tp2")
+        return _mismatched(loaded, reference)
+
+    def hf_round_trip():
+        models = fresh(TP2)
+        load_model_checkpoint(models, f"{folder}/single")
+        save_hf_checkpoint(models[0], f"{folder}/hf")
+        dist.barrier()
+        loaded = fresh(TP2)
+        load_hf_checkpoint(loaded[0], f"{folder}/hf")
+        return _mismatched(loaded, reference)
+
+    results["single -> tp=2"] = guarded(single_to_tp)
+    results["tp=2 -> dp_shard=2"] = guarded(tp_to_dp_shard)
+    results["hf under tp=2"] = guarded(hf_round_trip)
+    return results
 
 
 def two_rank_job(workdir: str) -> dict:

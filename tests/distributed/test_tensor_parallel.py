@@ -8,8 +8,10 @@ loss, ~1.3e-6 on a gradient, relative to its largest entry).
 """
 
 import pytest
+import torch
 
-from tests.distributed._tp_scenarios import FOUR_RANK_TP, TWO_RANK_TP
+from d9d.checkpoint import load_model_checkpoint, save_model_checkpoint
+from tests.distributed._tp_scenarios import FOUR_RANK_TP, TWO_RANK_TP, reference_model
 from tests.helpers import run_spawned, scenario_result
 
 REL_TOL = 1e-5
@@ -38,11 +40,12 @@ def _check(name: str, spec: dict, per_rank: list[dict]) -> None:
         # Complete when backward() returns: no gradient left partial over the TP group.
         assert r["incomplete_grads"] == []
         assert r["graph_breaks"] == 0
-        # TP is applied between float8 and checkpointing/compile by the builder.
+        # The builder applies TP between float8 and checkpointing/compile; in the user
+        # order (compile preset first) parallelize_* applies it afterwards.
         steps = r["steps"]
-        assert "tensor_parallel" in steps
-        if "compile" in steps:
-            assert steps.index("tensor_parallel") < steps.index("compile")
+        assert ("tensor_parallel" in steps) != spec.get("user_order", False)
+        if "compile" in steps and not spec.get("user_order"):
+            assert steps.index("tensor_parallel") < steps.index("activation_checkpointing")
     checked = {n for r in per_rank for n in r["checked_params"]}
     assert checked == set(per_rank[0]["all_params"]), "a parameter got no gradient"
 
@@ -80,7 +83,7 @@ def test_parameters_are_sharded_by_the_plan(two_rank):
 
 
 def test_compile_sac_one_graph_for_every_layer(two_rank):
-    for name in ("tp=2 causal_lm compile_sac", "tp=2 classification compile_sac"):
+    for name in ("tp=2 causal_lm compile_sac", "tp=2 classification compile_sac user order"):
         for r in scenario_result(two_rank, name):
             assert r["graph_breaks"] == 0
             # One layer graph for both layers; the causal LM adds the compiled
@@ -106,3 +109,39 @@ def test_user_errors(two_rank):
     assert "float8" in errors["float8 on cpu"] and "CUDA" in errors["float8 on cpu"]
     # The refused forward left no rank inside a collective: a right batch still trains.
     assert all(r["good_step_loss"] > 0 for r in per_rank)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp_checkpoints")
+    save_model_checkpoint(reference_model(), str(folder / "single"))
+    per_rank = run_spawned(2, "tests.distributed._tp_scenarios:checkpoint_job", folder=str(folder))
+    return folder, per_rank
+
+
+@pytest.mark.parametrize("name", ["single -> tp=2", "tp=2 -> dp_shard=2", "hf under tp=2"])
+def test_checkpoints_across_tensor_parallel(checkpoints, name):
+    _, per_rank = checkpoints
+    names = set(reference_model().state_dict())
+    for r in scenario_result(per_rank, name):
+        # Exactly the reference values, under the unchanged state-dict names.
+        assert r["mismatched"] == [], name
+        assert set(r["names"]) == names
+
+
+def test_tensor_parallel_checkpoints_load_in_one_process(checkpoints):
+    from d9d.module.model.qwen3_dense.hf_io import load_hf_checkpoint
+
+    folder, _ = checkpoints
+    expected = reference_model().state_dict()
+    for load in (
+        lambda m: load_model_checkpoint(m, str(folder / "tp2")),
+        lambda m: load_hf_checkpoint(m, folder / "hf"),
+    ):
+        model = reference_model()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.zero_()
+        load(model)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name]), name
