@@ -91,6 +91,7 @@ def _run(preset: str, num_layers: int, args: argparse.Namespace) -> dict[str, fl
 
 
 def main() -> None:
+    """Runs the command line: one fresh process per preset and depth; prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="*", default=None, help="default: all presets")
     parser.add_argument("--layers", nargs="*", type=int, default=[2, 32])

@@ -1,4 +1,4 @@
-"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
+r"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memory, compile.
 
 Runs real training steps (forward, backward, AdamW, zero-grad) on synthetic tokens for a
 model preset and one or more compile presets (``compile_configs/*.toml``) and prints one
@@ -6,7 +6,7 @@ row per preset. With no flags it benchmarks the ``cpu-small`` model on the CPU (
 first GPU) with a representative set of presets in about three minutes on two cores::
 
     python profiling/mfu.py
-    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \\
+    python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
         --config eager compile compile_sac compile_sac_float8 --json out.json
 
 Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate`` every rank trains its part

@@ -66,6 +66,7 @@ def _make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> C
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line: interleaved training steps of HF and d9d; prints the table."""
     args = _parse_args(argv)
     unknown = sorted(set(args.config) - set(list_presets()))
     if unknown:

@@ -192,8 +192,10 @@ def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def gather_full(value: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a ``DTensor`` (a collective: every rank must call it in the same
-    order), or ``value`` itself if it is a plain tensor."""
+    """The full tensor of a ``DTensor``, or ``value`` itself if it is a plain tensor.
+
+    For a ``DTensor`` this is a collective: every rank must call it in the same order.
+    """
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 

@@ -1,0 +1,1 @@
+"""Modules: reusable blocks, the Qwen3 Dense models and their parallelism."""

@@ -40,8 +40,7 @@ class DistributedTrainer:
         compile_config: CompileConfig,
         n_microbatches: int,
     ):
-        """Builds the stage with ``d9d.stack.build_stage_modules`` and, for ``pp > 1``, a
-        1F1B schedule.
+        """Builds the stage with ``d9d.stack.build_stage_modules`` (+ 1F1B for ``pp > 1``).
 
         Args:
             spec: The run (``batch_size`` is per data-parallel rank).

@@ -1,0 +1,1 @@
+"""Building blocks: attention, RoPE, norms, MLP, embeddings, heads, snapshot aggregators."""

@@ -1,0 +1,1 @@
+"""Parallelism: FSDP2/HSDP over named meshes, per-model plans, layout-independent init."""
