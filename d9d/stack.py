@@ -46,6 +46,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 )
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
+    check_compile_config_for_tensor_parallel,
 )
 from d9d.pipelining.api import PipelineStageInfo
 
@@ -168,6 +169,10 @@ def build_stage_modules(
         num_stages = num_stages_per_rank
     device = torch.device(device) if device is not None else _default_device(dist_context)
     compute_dtype = fsdp.torch_param_dtype() or param_dtype
+    if dist_context is not None:
+        check_compile_config_for_tensor_parallel(
+            compile_config, dist_context.params.tensor_parallel
+        )
     infos = [PipelineStageInfo(stage, num_stages) for stage in stage_ids]
     modules, reports = [], []
     for info in infos:

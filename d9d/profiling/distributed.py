@@ -7,7 +7,8 @@ drives it: without pipelining a plain forward/backward (FSDP2 reduces the gradie
 with ``pp > 1`` a 1F1B schedule over ``n_microbatches``.
 
 Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
-divided by the world size, so tokens/s and MFU read the same way as on one device and
+divided by the world size (tensor-parallel ranks work on the same tokens, so their
+FLOPs are divided by the TP degree), so tokens/s and MFU read the same way as on one device and
 are directly comparable with the single-device table. Rank 0 merges the ranks' records:
 the slowest rank's step time (the others wait for it), the largest peak memory, the
 largest graph-break and recompile counts, and the loss from the last stage.
@@ -19,6 +20,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
@@ -54,6 +56,14 @@ class DistributedTrainer:
         (model,) = stack.modules
         (stage,) = stack.infos
         self.module = model
+        if dist_context.is_main_process:
+            # What tensor parallelism and FSDP2 save: the parameters this rank stores.
+            local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+            print(
+                f"parameter memory on rank 0: {local_bytes / 2**20:.2f} MiB (local shards)",
+                file=sys.stderr,
+                flush=True,
+            )
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
         # Each data-parallel rank reads its own samples; pipeline peers read the same.
@@ -85,6 +95,10 @@ class DistributedTrainer:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
@@ -126,7 +140,7 @@ def run_distributed(
     Args:
         spec: The run (``batch_size`` per data-parallel rank).
         configs: Compile presets by the name given on the command line.
-        args: The parsed command line (``pp``, ``dp_shard``, ``dp_replicate``,
+        args: The parsed command line (``pp``, ``dp_shard``, ``dp_replicate``, ``tp``,
             ``microbatches``, ``peak_tflops``).
 
     Returns:
@@ -137,10 +151,10 @@ def run_distributed(
             world size, or the batch does not split into the microbatches.
     """
     if "WORLD_SIZE" not in os.environ:
-        world = args.pp * args.dp_shard * args.dp_replicate
+        world = args.pp * args.dp_shard * args.dp_replicate * args.tp
         raise ValueError(
-            f"--pp/--dp-shard/--dp-replicate need torchrun: torchrun --nproc-per-node {world} "
-            "profiling/mfu.py ..."
+            f"--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
+            f"{world} profiling/mfu.py ..."
         )
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
@@ -149,6 +163,7 @@ def run_distributed(
         pipeline_parallel=args.pp,
         data_parallel_shard=args.dp_shard,
         data_parallel_replicate=args.dp_replicate,
+        tensor_parallel=args.tp,
     ).build()
     device = dist_context.device
     spec = BenchmarkSpec(**{**spec.__dict__, "device": device})

@@ -66,6 +66,7 @@ def _batch(kind: str) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": ids[:, :-1].contiguous(),
         "position_ids": torch.arange(SEQ)[None, :] * (1 + torch.arange(GLOBAL_BATCH)[:, None] % 2),
+        "hidden_states_agg_mask": attention,
     }
     if kind == "causal_lm":
         labels = ids[:, 1:].clone()
@@ -87,10 +88,12 @@ def _loss_sum(kind: str, out: dict, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum")
 
 
-def reference_model(kind: str = "causal_lm", num_layers: int = 2) -> torch.nn.Module:
+def reference_model(
+    kind: str = "causal_lm", num_layers: int = 2, snapshot: str = "no"
+) -> torch.nn.Module:
     """The single-process model every scenario compares with (same weights everywhere)."""
     torch.manual_seed(0)
-    model = _model_cls(kind)(_params(kind, num_layers), PipelineStageInfo(0, 1), "no", False)
+    model = _model_cls(kind)(_params(kind, num_layers), PipelineStageInfo(0, 1), snapshot, False)
     model.reset_parameters()
     with torch.no_grad():
         # Non-unit norm weights, so a norm applied on the wrong shard shows up.
@@ -100,16 +103,15 @@ def reference_model(kind: str = "causal_lm", num_layers: int = 2) -> torch.nn.Mo
     return model
 
 
-def _reference(kind: str, num_layers: int):
-    model = reference_model(kind, num_layers)
+def _reference(kind: str, num_layers: int, snapshot: str = "no"):
+    model = reference_model(kind, num_layers, snapshot)
     batch = _batch(kind)
     out = model(**_forward_kwargs(kind, batch))
     count = (batch["labels"] != -100).sum()
     loss = _loss_sum(kind, out, batch["labels"]) / count
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    head = "logps" if kind == "causal_lm" else "scores"
-    return model, batch, out[head].detach(), loss.detach(), grads
+    return model, batch, out, loss.detach(), grads
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -121,13 +123,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _build_user_order(ctx, kind, num_layers, compile_config):
+def _build_user_order(ctx, kind, num_layers, compile_config, snapshot):
     """What a user without the builder writes: compile preset, parallelize, materialise."""
     from d9d.compile import apply_compile_config
 
     info = PipelineStageInfo(0, 1)
     with torch.device("meta"):
-        model = _model_cls(kind)(_params(kind, num_layers), info, "no", False)
+        model = _model_cls(kind)(_params(kind, num_layers), info, snapshot, False)
     report = apply_compile_config(model, compile_config)
     parallelize = (
         parallelize_qwen3_dense_for_causal_lm
@@ -140,14 +142,15 @@ def _build_user_order(ctx, kind, num_layers, compile_config):
     return SimpleNamespace(modules=[model], infos=[info], reports=[report])
 
 
-def _build(ctx, kind, num_layers, ref_state, compile_config=None, user_order=False):
+def _build(ctx, kind, num_layers, ref_state, compile_config, user_order, snapshot):
     if user_order:
-        stack = _build_user_order(ctx, kind, num_layers, compile_config)
+        stack = _build_user_order(ctx, kind, num_layers, compile_config, snapshot)
     else:
         stack = build_stage_modules(
             _params(kind, num_layers),
             compile_config,
             ctx,
+            hidden_states_snapshot_mode=snapshot,
             init="reset",
             seed=77 + dist.get_rank(),  # a different init: the load must overwrite it
         )
@@ -185,6 +188,7 @@ def run_tp_layout(
     compile_config: str | None = None,
     chunk_tokens: int | None = None,
     user_order: bool = False,
+    snapshot: str = "no",
 ) -> dict:
     """One training step under ``mesh``; relative errors to the single-process reference.
 
@@ -200,12 +204,12 @@ def run_tp_layout(
     config = load_compile_config(compile_config) if compile_config else None
     graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
     breaks_before = sum(dynamo_utils.counters["graph_break"].values())
-    ref, batch, ref_head, ref_loss, ref_grads = _reference(kind, num_layers)
+    ref, batch, ref_out, ref_loss, ref_grads = _reference(kind, num_layers, snapshot)
     ctx = DeviceMeshParameters(**mesh).build()
     per_rank = GLOBAL_BATCH // ctx.dp_size
     rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     local = {k: v[rows] for k, v in batch.items()}
-    stack = _build(ctx, kind, num_layers, ref.state_dict(), config, user_order)
+    stack = _build(ctx, kind, num_layers, ref.state_dict(), config, user_order, snapshot)
     if chunk_tokens is not None:
         head = stack.modules[-1].lm_head
         local_vocab = VOCAB // ctx.params.tensor_parallel
@@ -233,7 +237,10 @@ def run_tp_layout(
         value = outputs[head]
         result["head_type"] = type(value).__name__
         result["loss_rel"] = _rel(loss, ref_loss)
-        result["output_rel"] = _rel(_full(value), ref_head[rows])
+        result["output_rel"] = _rel(_full(value), ref_out[head][rows])
+        if snapshot == "mean":
+            got = outputs["hidden_states_snapshot"]
+            result["snapshot_rel"] = _rel(got, ref_out["hidden_states_snapshot"][:, rows])
     result["steps"] = stack.reports[0].steps
     result.update(_grad_report(stack.modules, ref_grads))
     result["all_params"] = sorted(ref_grads)
@@ -246,7 +253,7 @@ TP2 = {"tensor_parallel": 2}
 TWO_RANK_TP = {
     "tp=2 causal_lm": dict(mesh=TP2),
     "tp=2 classification": dict(mesh=TP2, kind="classification"),
-    "tp=2 causal_lm chunked head": dict(mesh=TP2, chunk_tokens=5),
+    "tp=2 causal_lm chunked head, snapshots": dict(mesh=TP2, chunk_tokens=5, snapshot="mean"),
     "tp=2 causal_lm compile_sac": dict(mesh=TP2, compile_config="compile_sac"),
     "tp=2 classification compile_sac user order": dict(
         mesh=TP2, kind="classification", compile_config="compile_sac", user_order=True
@@ -258,8 +265,8 @@ FOUR_RANK_TP = {
     "dp_replicate=2 x tp=2 classification": dict(
         mesh={"data_parallel_replicate": 2, **TP2}, kind="classification"
     ),
-    "pp=2 x tp=2 causal_lm 1f1b": dict(
-        mesh={"pipeline_parallel": 2, **TP2}, schedule="1f1b", num_layers=4
+    "pp=2 x tp=2 causal_lm 1f1b, snapshots": dict(
+        mesh={"pipeline_parallel": 2, **TP2}, schedule="1f1b", num_layers=4, snapshot="mean"
     ),
     "pp=2 x tp=2 classification 1f1b": dict(
         mesh={"pipeline_parallel": 2, **TP2}, kind="classification", schedule="1f1b"
@@ -294,18 +301,24 @@ def tp_errors() -> dict:
     for name, overrides in bad_shapes.items():
         params = _params("causal_lm", **overrides)
         record(name, lambda params=params: build_stage_modules(params, None, ctx))
-    record(
-        "snapshot mean",
-        lambda: build_stage_modules(
-            _params("causal_lm"), None, ctx, hidden_states_snapshot_mode="mean"
-        ),
-    )
     from d9d.compile import load_compile_config
 
     record(
         "float8 on cpu",
         lambda: build_stage_modules(
             _params("causal_lm"), load_compile_config("compile_sac_float8"), ctx
+        ),
+    )
+    record(
+        "compile_full_ac",
+        lambda: build_stage_modules(
+            _params("causal_lm"), load_compile_config("compile_full_ac"), ctx
+        ),
+    )
+    record(
+        "compile_memory_budget user order",
+        lambda: _build_user_order(
+            ctx, "causal_lm", 2, load_compile_config("compile_memory_budget"), "no"
         ),
     )
     (model,) = build_stage_modules(_params("causal_lm"), None, ctx).modules

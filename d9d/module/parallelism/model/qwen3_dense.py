@@ -98,7 +98,7 @@ def parallelize_qwen3_dense_model(
     Current usage constraints:
     * Context Parallelism is not supported (we will implement it later).
     * Under tensor parallelism, shapes must split evenly (see
-      ``validate_tensor_parallel``) and hidden-state snapshots are refused.
+      ``validate_tensor_parallel``).
 
     Args:
         dist_context: The distributed context.

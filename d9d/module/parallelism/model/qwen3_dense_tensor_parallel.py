@@ -19,6 +19,8 @@ On the ``tp`` dim of the dense mesh, per pipeline stage:
   logsumexp and label pick over the group, chunk by chunk, so no rank ever holds
   full-vocabulary logits (see ``d9d.module.block.chunked_nll``); ``logps`` is complete
   on every rank;
+* hidden-state snapshots: each layer output is gathered before its masked mean, so
+  the snapshot is whole on every rank;
 * classification head: replicated (``num_labels`` is small); it scores the gathered
   hidden states on every rank, so ``scores`` and its gradients are complete everywhere.
 
@@ -43,8 +45,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from d9d.compile import CompileConfig, get_compile_report
 from d9d.core.dist_context import DENSE_DOMAIN, DistributedContext
-from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
 from d9d.module.model.qwen3_dense import (
     Qwen3DenseForCausalLM,
     Qwen3DenseForClassification,
@@ -78,8 +80,7 @@ def validate_tensor_parallel(model: nn.Module, tensor_parallel: int) -> None:
     """Raises ``ValueError`` unless ``model``'s shapes split evenly over ``tensor_parallel``.
 
     Checks the query heads, key/value heads, MLP intermediate size and every vocabulary
-    split, and refuses what the plan does not cover (hidden-state snapshots). Runs
-    before any communication.
+    split. Runs before any communication.
 
     Args:
         model: A Qwen3 Dense model or stage (its parameters, not its device, matter).
@@ -101,11 +102,30 @@ def validate_tensor_parallel(model: nn.Module, tensor_parallel: int) -> None:
                 f"{what}={value} is not divisible by tensor_parallel={tensor_parallel} "
                 "(tensor parallelism splits it evenly across the tensor-parallel ranks)"
             )
-    if backbone.hidden_states_snapshot_mode is not HiddenStatesAggregationMode.no:
+
+
+def check_compile_config_for_tensor_parallel(config: CompileConfig, tensor_parallel: int) -> None:
+    """Raises ``ValueError`` for compile presets that cannot run under tensor parallelism.
+
+    On torch 2.13, a compiled layer holding DTensor collectives fails with two
+    checkpoint modes: ``"full"`` (AOTAutograd saves the ``DeviceMesh`` among the
+    tensors kept for backward and asserts "expected all tensors_saved_with_vc_check to
+    be Tensors") and ``"memory_budget"`` (the min-cut partitioner "cannot compute the
+    size of FakeScriptObject", the mesh). Eager ``"full"`` and the ``"selective"`` modes
+    work.
+
+    Args:
+        config: The compile preset.
+        tensor_parallel: The tensor-parallel degree (nothing is refused at 1).
+    """
+    mode = config.activation_checkpointing.mode
+    if tensor_parallel > 1 and config.compile.enabled and mode in ("full", "memory_budget"):
         raise ValueError(
-            f"hidden_states_snapshot_mode={backbone.hidden_states_snapshot_mode.value!r} is "
-            f"not supported with tensor parallelism (tensor_parallel={tensor_parallel}); "
-            "use 'no'"
+            f"compile config {config.name!r}: activation_checkpointing.mode={mode!r} with "
+            f"compile does not work under tensor parallelism (tensor_parallel="
+            f"{tensor_parallel}) on torch {torch.__version__}: the compiled checkpoint cannot "
+            "save or size the DeviceMesh of the DTensor collectives. Use a 'selective' "
+            "preset (compile_sac, compile_sac_all_mm) or compile without checkpointing"
         )
 
 
@@ -214,13 +234,18 @@ def apply_tensor_parallel_qwen3_dense(
         Whether a plan was applied (``False`` for ``tensor_parallel=1`` or a repeat call).
 
     Raises:
-        ValueError: If a dimension is not divisible by the degree, or the model asks for
-            something the plan does not cover (see :func:`validate_tensor_parallel`).
+        ValueError: If a dimension is not divisible by the degree (see
+            :func:`validate_tensor_parallel`).
     """
     degree = dist_context.params.tensor_parallel
     if degree == 1 or model in _applied:
         return False
     validate_tensor_parallel(model, degree)
+    report = get_compile_report(model)
+    if report is not None:
+        # Compile preset applied first (the user's order): the TP hooks are traced at the
+        # first call, inside the checkpointed, compiled layer.
+        check_compile_config_for_tensor_parallel(report.config, degree)
     backbone = _backbone(model)
     layers = list(backbone.layers.values())
     styles = [_linear_styles(layer, dist_context.device) for layer in layers]
