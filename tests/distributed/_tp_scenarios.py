@@ -382,6 +382,12 @@ def checkpoint_job(workdir: str, folder: str) -> dict:
         load_hf_checkpoint(loaded[0], f"{folder}/hf")
         return _mismatched(loaded, reference)
 
+    def seeded_init():
+        # init="reset" gives the same weights under tp=2 as in one process.
+        plain = build_stage_modules(_params("causal_lm"), None, None, init="reset", seed=5)
+        return _mismatched(fresh(TP2), plain.modules[0].state_dict())
+
+    results["seeded init tp=2 == one process"] = guarded(seeded_init)
     results["single -> tp=2"] = guarded(single_to_tp)
     results["tp=2 -> dp_shard=2"] = guarded(tp_to_dp_shard)
     results["hf under tp=2"] = guarded(hf_round_trip)

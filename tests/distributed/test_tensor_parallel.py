@@ -130,7 +130,10 @@ def checkpoints(tmp_path_factory):
     return folder, per_rank
 
 
-@pytest.mark.parametrize("name", ["single -> tp=2", "tp=2 -> dp_shard=2", "hf under tp=2"])
+@pytest.mark.parametrize(
+    "name",
+    ["seeded init tp=2 == one process", "single -> tp=2", "tp=2 -> dp_shard=2", "hf under tp=2"],
+)
 def test_checkpoints_across_tensor_parallel(checkpoints, name):
     _, per_rank = checkpoints
     names = set(reference_model().state_dict())

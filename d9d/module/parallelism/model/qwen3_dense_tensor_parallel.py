@@ -31,6 +31,7 @@ Float8 linears use torchao's float8 tensor-parallel styles, which need CUDA; on 
 float8 preset under tensor parallelism is refused.
 """
 
+import inspect
 import weakref
 
 import torch
@@ -188,11 +189,12 @@ def _install_stage_boundary(backbone: Qwen3DenseModel, mesh: DeviceMesh) -> None
                 "the tensor-parallel ranks)"
             )
 
+    names = list(inspect.signature(backbone.forward).parameters)
+
     def pre_hook(_module, args, kwargs):
-        if args:
-            raise ValueError(
-                "under tensor parallelism, call the Qwen3 Dense stage with keyword arguments"
-            )
+        # Positional inputs become keywords (input_ids, hidden_states, ...).
+        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        args = ()
         input_ids = kwargs.get("input_ids")
         if input_ids is not None:
             check_seq("input_ids", input_ids)
