@@ -9,6 +9,10 @@ of depth.
 Usage:
     python profiling/compile_time.py                      # all presets, 2 and 32 layers
     python profiling/compile_time.py --presets compile_sac --layers 2 32 --steps 6
+    python profiling/compile_time.py --device cuda --dtype bfloat16 --hidden-size 2048
+
+Steps are timed with the harness's clock (device synchronised before each reading);
+shape flags are named as in ``profiling/mfu.py``.
 """
 
 import argparse
@@ -19,52 +23,57 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO))
     import torch
 
-    from d9d.compile import apply_compile_config, load_compile_config
+    from d9d.compile import load_compile_config
     from d9d.module.model.qwen3_dense import (
-        Qwen3DenseForCausalLM,
         Qwen3DenseForCausalLMParameters,
         Qwen3DenseLayerParameters,
         Qwen3DenseParameters,
     )
-    from d9d.pipelining.api import PipelineStageInfo
+    from d9d.profiling.timers import DeviceClock
+    from d9d.stack import build_stage_modules
 
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    clock = DeviceClock(device)
     torch.manual_seed(0)
     params = Qwen3DenseForCausalLMParameters(
         model=Qwen3DenseParameters(
             layer=Qwen3DenseLayerParameters(
-                hidden_size=args.hidden,
-                intermediate_size=args.hidden * 3,
-                num_attention_heads=args.hidden // 64,
-                num_key_value_heads=max(1, args.hidden // 128),
+                hidden_size=args.hidden_size,
+                intermediate_size=args.hidden_size * 3,
+                num_attention_heads=args.hidden_size // 64,
+                num_key_value_heads=max(1, args.hidden_size // 128),
                 rms_norm_eps=1e-6,
                 head_dim=64,
             ),
             num_hidden_layers=args.num_layers,
             rope_base=10000,
-            max_position_ids=args.seq,
-            split_vocab_size={"text": args.vocab},
+            max_position_ids=args.seq_len,
+            split_vocab_size={"text": args.vocab_size},
             split_vocab_order=["text"],
         )
     )
-    model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
-    apply_compile_config(model, load_compile_config(args.preset))
-    input_ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    (model,) = build_stage_modules(
+        params,
+        load_compile_config(args.preset),
+        param_dtype=getattr(torch, args.dtype),
+        device=device,
+    ).modules
+    input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))
+    input_ids = input_ids.to(device)
 
     def step() -> float:
-        start = time.perf_counter()
+        start = clock.now()
         model.zero_grad(set_to_none=True)
         out = model(input_ids=input_ids[:, :-1], labels=input_ids[:, 1:])
         out["logps"].mean().backward()
-        return time.perf_counter() - start
+        return clock.now() - start
 
     first = step()
     steady = statistics.median(step() for _ in range(args.steps))
@@ -81,8 +90,9 @@ def _run(preset: str, num_layers: int, args: argparse.Namespace) -> dict[str, fl
         )
         command = [sys.executable, __file__, "--worker", "--preset", preset]
         command += ["--num-layers", str(num_layers)]
-        for flag in ("hidden", "seq", "batch", "vocab", "steps"):
-            command += [f"--{flag}", str(getattr(args, flag))]
+        for flag in ("hidden_size", "seq_len", "batch_size", "vocab_size", "steps", "dtype"):
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        command += ["--device", args.device]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -95,10 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="*", default=None, help="default: all presets")
     parser.add_argument("--layers", nargs="*", type=int, default=[2, 32])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--steps", type=int, default=5, help="steady steps after the first")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -108,13 +120,12 @@ def main() -> None:
         _worker(args)
         return
 
-    sys.path.insert(0, str(REPO))
     from d9d.compile import list_presets
 
     presets = args.presets or list_presets()
     print(
-        f"hidden {args.hidden}, seq {args.seq}, batch {args.batch}, fp32, CPU, "
-        f"{time.strftime('%Y-%m-%d')}"
+        f"hidden {args.hidden_size}, seq {args.seq_len}, batch {args.batch_size}, "
+        f"{args.dtype}, {args.device}, {time.strftime('%Y-%m-%d')}"
     )
     header = "| preset | layers | first step (s) | steady step (s) | compile (s) |"
     print(header + "\n|---|---|---|---|---|", flush=True)

@@ -9,16 +9,18 @@ Compares, on the same model and batch (default: realistic vocabulary 151936, one
   fused compiled loss kernels (``compile`` preset);
 * ``chunked``: the same with a small budget, so logits are recomputed chunk by chunk.
 
-Peak = the highest net allocation during one step (forward, backward), from
-``torch.profiler`` memory events; the resident weights and gradients are not included.
+Peak = the highest net allocation during one step (forward, backward): on the CPU from
+``torch.profiler`` memory events, on CUDA ``max_memory_allocated`` minus what was
+allocated before the step; the resident weights and gradients are not included. Steps
+are timed with the harness's clock (device synchronised before each reading).
 
     python profiling/head_memory.py
+    python profiling/head_memory.py --device cuda --seq-len 8192
 """
 
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 from tabulate import tabulate
@@ -29,6 +31,18 @@ from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCau
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.memory import profiled_step_peak_bytes
 from d9d.profiling.model_presets import get_model_preset
+from d9d.profiling.timers import DeviceClock
+
+
+def _step_peak_bytes(step, device: torch.device) -> int:
+    if device.type != "cuda":
+        return profiled_step_peak_bytes(step, device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _naive_nll(model: Qwen3DenseForCausalLM, ids: torch.Tensor, labels: torch.Tensor):
@@ -48,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--chunk-mib", type=int, default=128, help="budget of the chunked row")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    clock = DeviceClock(device)
 
     base = get_model_preset("cpu-small").parameters(num_hidden_layers=args.num_layers)
     # Rebuilt through the pydantic model so the new sizes are validated.
@@ -62,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         }
     )
-    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
-    labels = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
+    labels = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
 
     variants = {
         "naive fp32 logits (before)": None,
@@ -74,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, budget in variants.items():
         torch.manual_seed(0)
         model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
-        model = model.to(torch.bfloat16)
+        model = model.to(device=device, dtype=torch.bfloat16)
         apply_compile_config(model, load_compile_config("compile"))
         if budget is not None:
             model.lm_head.logits_chunk_bytes = budget
@@ -91,15 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         step()  # compile
         times = []
         for _ in range(args.steps):
-            start = time.perf_counter()
+            start = clock.now()
             step()
-            times.append(time.perf_counter() - start)
-        peak = profiled_step_peak_bytes(step, torch.device("cpu"))
+            times.append(clock.now() - start)
+        peak = _step_peak_bytes(step, device)
         rows.append([name, f"{peak / 2**20:,.0f}", f"{statistics.median(times):.3f}"])
         print(f"{name}: done", file=sys.stderr)
     tokens = args.batch_size * args.seq_len
     print(
-        f"V={args.vocab_size}, {args.batch_size} x {args.seq_len} tokens, bf16, "
+        f"V={args.vocab_size}, {args.batch_size} x {args.seq_len} tokens, bf16, {device}, "
         f"{args.num_layers} layers hidden 512 (compile preset); full fp32 logits would be "
         f"{tokens * args.vocab_size * 4 / 2**20:,.0f} MiB"
     )

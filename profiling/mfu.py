@@ -2,8 +2,10 @@ r"""Benchmark training of a Qwen3 Dense causal LM: tokens/s, TFLOP/s, MFU, memor
 
 Runs real training steps (forward, backward, AdamW, zero-grad) on synthetic tokens for a
 model preset and one or more compile presets (``compile_configs/*.toml``) and prints one
-row per preset. With no flags it benchmarks the ``cpu-small`` model on the CPU (or the
-first GPU) with a representative set of presets in about three minutes on two cores::
+row per preset. With no flags it benchmarks a representative set of presets: on the CPU
+the ``cpu-small`` model at 2 x 256 tokens (about three minutes on two cores), on a GPU
+the ``qwen3-1.7b`` shape at 1 x 4096 tokens (a CPU-sized model would only measure kernel
+launches there)::
 
     python profiling/mfu.py
     python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
@@ -14,38 +16,43 @@ part (tensor parallelism, then FSDP2 per layer inside pipeline stages) and the t
 printed per device (tensor-parallel ranks share their tokens: FLOPs are divided by
 ``--tp``).
 
-Progress goes to stderr (one line per step), the table to stdout. A bad argument prints
-one ``error:`` line and exits with status 2; running out of device memory prints one line
-and exits with status 1.
+Progress goes to stderr (one line per step), the table to stdout, one row as soon as its
+config finishes (``--json`` is rewritten after each config too). A config this machine
+cannot run (float8 without torchao or on a GPU older than sm_89, ...) is a ``skipped``
+row with the reason; an out-of-memory or another failure inside one config is an
+``out of memory`` / ``failed`` row, the other configs still run, and the exit status is
+1. A bad argument prints one ``error:`` line and exits with status 2.
 """
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
-# The harness is run as a script from a checkout; make the package importable without
-# an install.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from d9d.compile import load_compile_config
 from d9d.profiling.benchmark import (
     BenchmarkSpec,
     SingleProcessTrainer,
-    run_benchmark,
+    iter_configs,
     validate_spec,
 )
 from d9d.profiling.model_presets import MODEL_PRESETS, get_model_preset
-from d9d.profiling.peak import resolve_peak_flops
-from d9d.profiling.report import ProfileRecord, format_table
+from d9d.profiling.peak import faster_dtype_note, resolve_peak_flops
+from d9d.profiling.report import Record, table_footer, table_header, table_row
 
 DEFAULT_CONFIGS = ("eager", "compile", "compile_sac", "compile_sac_float8")
 """Eager as the baseline, regional compile, its selective-AC variant, and float8 on top."""
+
+CPU_DEFAULTS = {"model": "cpu-small", "batch_size": 2, "seq_len": 256}
+GPU_DEFAULTS = {"model": "qwen3-1.7b", "batch_size": 1, "seq_len": 4096}
+"""Shape defaults by device: a GPU needs a real model to be measured rather than its
+kernel launches."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHAPE_FLAGS = {
@@ -101,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="model presets:\n"
         + "\n".join(f"  {name:<11} {p.description}" for name, p in MODEL_PRESETS.items()),
     )
-    parser.add_argument("--model", default="cpu-small", help="model preset (default cpu-small)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"model preset (default {CPU_DEFAULTS['model']} on the CPU, "
+        f"{GPU_DEFAULTS['model']} on a GPU)",
+    )
     parser.add_argument(
         "--config",
         nargs="+",
@@ -111,17 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=_int_at_least(1),
-        default=2,
-        help="sequences per step, per data-parallel rank (default 2)",
+        default=None,
+        help="sequences per step, per data-parallel rank (default 2 on the CPU, 1 on a GPU)",
     )
     parser.add_argument(
-        "--seq-len", type=_int_at_least(1), default=256, help="tokens per sequence (default 256)"
+        "--seq-len",
+        type=_int_at_least(1),
+        default=None,
+        help="tokens per sequence (default 256 on the CPU, 4096 on a GPU)",
     )
     parser.add_argument("--steps", type=_int_at_least(1), default=3, help="measured steps")
     parser.add_argument(
         "--warmup", type=_int_at_least(1), default=1, help="warm-up steps (the first compiles)"
     )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fp32 parameters and AdamW state, --dtype compute, fp32 gradient reduction "
+        "(FSDP2 MixedPrecisionPolicy, as torchtitan reports MFU); --no-mixed-precision keeps "
+        "everything in --dtype (default: on for CUDA, off on the CPU)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     parser.add_argument(
         "--peak-tflops",
@@ -139,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold-compile",
         action="store_true",
         help="compile every config into a fresh inductor cache (full compile cost)",
+    )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="train the same log-normal documents packed vs one per padded row: useful "
+        "tokens/s, per-document FLOPs and the document mask's cost (d9d/profiling/packed.py)",
     )
     shape = parser.add_argument_group("model shape overrides (on top of --model)")
     for flag in _SHAPE_FLAGS:
@@ -160,6 +191,23 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def _fill_defaults(args, device: torch.device) -> None:
+    """Fills ``--model/--batch-size/--seq-len`` left unset with the device's defaults."""
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    filled = {}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+            filled[name] = value
+    if filled and device.type == "cuda":
+        print(
+            "profiling/mfu.py: on a GPU the defaults are "
+            + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in filled.items())
+            + " (pass them to change)",
+            file=sys.stderr,
+        )
+
+
 def _model_params(args):
     """The model parameters and a name for them (the preset plus any overrides)."""
     preset = get_model_preset(args.model)
@@ -177,24 +225,31 @@ def _model_params(args):
 
 
 def _device(text: str | None) -> torch.device:
+    """The run's device; a CUDA device also becomes the current one.
+
+    Kernels launched without an explicit device (and NCCL) use the current device:
+    ``--device cuda:1`` must not leave stray work on ``cuda:0``.
+    """
     if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device: not a device: {text!r}") from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            # Under torchrun each rank takes its own GPU (not the first one on every rank).
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    else:
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            raise ValueError(f"--device: not a device: {text!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {text}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"--device {text}: this machine has {count} CUDA device(s)")
+        torch.cuda.set_device(device)
     return device
-
-
-def _load_configs(names: list[str]):
-    from d9d.compile import load_compile_config
-
-    return {name: load_compile_config(name) for name in names}
 
 
 def _is_distributed(args) -> bool:
@@ -202,10 +257,37 @@ def _is_distributed(args) -> bool:
     return "WORLD_SIZE" in os.environ or any(degree > 1 for degree in degrees)
 
 
-def run(args) -> list[ProfileRecord]:
+class _Output:
+    """Prints the table as it grows and keeps ``--json`` up to date after every config."""
+
+    def __init__(self, json_path: Path | None):
+        self.json_path = json_path
+        self.records: list[Record] = []
+
+    def add(self, record: Record) -> None:
+        if not self.records:
+            print(table_header(), flush=True)
+        self.records.append(record)
+        print(table_row(record), flush=True)
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            dumped = [r.model_dump() for r in self.records]
+            self.json_path.write_text(json.dumps(dumped, indent=2) + "\n")
+
+    def finish(self, notes: list[str]) -> None:
+        if not self.records:  # a non-zero rank of a distributed run prints nothing
+            return
+        print(table_footer(self.records, notes), flush=True)
+        if self.json_path is not None:
+            print(f"records written to {self.json_path}", file=sys.stderr)
+
+
+def run(args, output: _Output | None = None) -> list[Record]:
     """Benchmarks every requested config; returns the records (also printed)."""
-    params, model_name = _model_params(args)
+    output = output or _Output(None)
     device = _device(args.device)
+    _fill_defaults(args, device)
+    params, model_name = _model_params(args)
     spec = BenchmarkSpec(
         model_preset=model_name,
         params=params,
@@ -218,38 +300,83 @@ def run(args) -> list[ProfileRecord]:
         trace_dir=args.trace,
         trace_steps=args.trace_steps,
         cold_compile=args.cold_compile,
+        mixed_precision=(
+            device.type == "cuda" if args.mixed_precision is None else args.mixed_precision
+        ),
     )
     validate_spec(spec)
-    configs = _load_configs(args.config)
+    configs = [load_compile_config(name) for name in args.config]
+    records: Iterator[Record]
+    if args.packed:
+        return _run_packed(args, spec, configs)
     if _is_distributed(args):
-        from d9d.profiling.distributed import run_distributed
+        from d9d.profiling.distributed import ParallelLayout, iter_distributed
 
-        return run_distributed(spec, configs, args)
-
-    # Resolved before anything runs: an unknown accelerator fails in a second, not after
-    # the first config's compile.
-    peaks = {
-        float8: resolve_peak_flops(
-            device, spec.dtype, float8=float8, override_tflops=args.peak_tflops
+        layout = ParallelLayout(
+            pp=args.pp,
+            dp_shard=args.dp_shard,
+            dp_replicate=args.dp_replicate,
+            tp=args.tp,
+            microbatches=args.microbatches,
         )
-        for float8 in {config.float8.enabled for config in configs.values()}
-    }
-    records = []
-    for config in configs.values():
-        float8 = config.float8.enabled
+        records = iter_distributed(spec, configs, layout, peak_tflops=args.peak_tflops)
+    else:
+        # Resolved before anything runs: an unknown accelerator fails in a second, not
+        # after the first config's compile.
+        peaks = {
+            float8: resolve_peak_flops(
+                device, spec.dtype, float8=float8, override_tflops=args.peak_tflops
+            )
+            for float8 in {config.float8.enabled for config in configs}
+        }
+        records = iter_configs(
+            spec,
+            configs,
+            lambda config: SingleProcessTrainer(spec, config),
+            lambda config: peaks[config.float8.enabled],
+        )
+    for record in records:
+        output.add(record)
+    if torch.distributed.is_initialized():
+        # The world of one that mixed precision runs FSDP2 on.
+        torch.distributed.destroy_process_group()
+    notes = []
+    if output.records and args.peak_tflops is None:
+        note = faster_dtype_note(device, spec.dtype)
+        if note is not None:
+            notes.append(note)
+    output.finish(notes)
+    return output.records
 
-        def make_trainer(config=config):
-            try:
-                return SingleProcessTrainer(spec, config)
-            except RuntimeError as err:
-                # apply_compile_config raises RuntimeError for float8 on unfit hardware.
-                raise ValueError(f"config {config.name}: {_one_line(err)}") from None
 
-        records.append(run_benchmark(spec, config.name, make_trainer, peaks[float8], float8=float8))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return records
+def _run_packed(args, spec, configs) -> list[Record]:
+    """``--packed``: prints its own table (and JSON); returns no standard records."""
+    from d9d.profiling.packed import format_packed_table, run_packed_benchmark, write_packed_json
+
+    if _is_distributed(args):
+        raise UsageError("--packed runs in one process (no --pp/--dp-shard/--dp-replicate)")
+    float8 = {config.float8.enabled for config in configs}
+    if len(float8) > 1:
+        raise UsageError("--packed: give configs that all enable float8, or none")
+    peak = resolve_peak_flops(
+        spec.device, spec.dtype, float8=float8.pop(), override_tflops=args.peak_tflops
+    )
+    records, corpus = run_packed_benchmark(
+        spec.params,
+        configs,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        steps=spec.steps,
+        warmup=spec.warmup,
+        dtype=spec.dtype,
+        device=spec.device,
+        peak=peak,
+        seed=spec.seed,
+    )
+    print(format_packed_table(records, corpus))
+    if args.json is not None:
+        write_packed_json(args.json, records, corpus)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        records = run(args)
+        records = run(args, _Output(args.json))
     except (UsageError, ValueError) as err:
         # Includes UnknownAcceleratorError (a ValueError): its message asks for
         # --peak-tflops.
@@ -271,14 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if not records:  # a non-zero rank of a distributed run prints nothing
-        return 0
-    print(format_table(records))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([r.model_dump() for r in records], indent=2) + "\n")
-        print(f"records written to {args.json}", file=sys.stderr)
-    return 0
+    failed = [r for r in records if r.status in ("out of memory", "failed")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,39 +4,44 @@ Every contender trains on the same random tokens with the same shape, dtype and
 optimizer; their steps are interleaved in one process (contender A step, B step, ...), so
 machine noise hits all of them alike. Reports median tokens/s and the ratio to HF eager.
 
-    python profiling/vs_hf.py                     # small Qwen3 shape, vocab 32000
-    python profiling/vs_hf.py --vocab 151936      # realistic vocabulary
+    python profiling/vs_hf.py                        # small Qwen3 shape, vocab 32000
+    python profiling/vs_hf.py --vocab-size 151936    # realistic vocabulary
+    python profiling/vs_hf.py --device cuda --dtype bfloat16 --hidden-size 2048 ...
+
+Steps are timed with the harness's clock (the device is synchronised before each
+reading, so asynchronous CUDA work is counted where it runs). Shape flags are named as
+in ``profiling/mfu.py``.
 """
 
 import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from d9d.compile import apply_compile_config, list_presets, load_compile_config
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.compile import list_presets, load_compile_config
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
 from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.profiling.benchmark import make_adamw
+from d9d.profiling.timers import DeviceClock
+from d9d.stack import build_stage_modules
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1536)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--intermediate-size", type=int, default=1536)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--num-kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -51,16 +56,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _make_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+def _make_step(
+    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], clock: DeviceClock
+) -> Callable[[], float]:
     opt, _ = make_adamw(model.parameters(), lr=1e-5)
 
     def step() -> float:
-        start = time.perf_counter()
+        start = clock.now()
         loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return clock.now() - start
 
     return step
 
@@ -74,17 +81,28 @@ def main(argv: list[str] | None = None) -> int:
             f"vs_hf.py: unknown preset(s) {unknown}; available: {list_presets()}", file=sys.stderr
         )
         return 2
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"vs_hf.py: --device: not a device: {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"vs_hf.py: --device {args.device}: CUDA is not available", file=sys.stderr)
+            return 2
+        torch.cuda.set_device(device)
+    clock = DeviceClock(device)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     hf_config = Qwen3Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
         head_dim=args.head_dim,
         max_position_embeddings=max(args.seq_len, 2048),
         rope_theta=1_000_000.0,
@@ -95,34 +113,41 @@ def main(argv: list[str] | None = None) -> int:
     # Our parameters read off the very config HF builds from, so both sides match.
     params = causal_lm_params_from_hf_config(hf_config.to_dict())
     reference = Qwen3ForCausalLM(hf_config).to(dtype)
-    ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len))
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len)).to(device)
     # HF shifts inside; give ours the same targets (next token, last position ignored).
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
 
     contenders: dict[str, Callable[[], float]] = {}
+    hf_weights = state_dict_from_hf(reference.state_dict(), params.model)
 
     def hf_contender(compiled: bool) -> Callable[[], float]:
         model = Qwen3ForCausalLM(hf_config).to(dtype)
         model.load_state_dict(reference.state_dict())
+        model.to(device)
         if compiled:
             for layer in model.model.layers:
                 layer.compile(fullgraph=False)
-        return _make_step(model, lambda: model(input_ids=ids, labels=ids).loss)
+        return _make_step(model, lambda: model(input_ids=ids, labels=ids).loss, clock)
 
     contenders["hf eager"] = hf_contender(False)
     if not args.no_hf_compile:
         contenders["hf + per-layer compile"] = hf_contender(True)
     for name in args.config:
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False).to(dtype)
-        model.load_state_dict(state_dict_from_hf(reference.state_dict(), params.model))
-        apply_compile_config(model, load_compile_config(name))
+        # The training stack's own builder, initialised with HF's weights.
+        (model,) = build_stage_modules(
+            params,
+            load_compile_config(name),
+            param_dtype=dtype,
+            device=device,
+            init=lambda modules: modules[0].load_state_dict(hf_weights),
+        ).modules
 
         def loss_fn(model=model) -> torch.Tensor:
             logps = model(input_ids=ids, labels=labels)["logps"]
             return logps.sum() / (labels != -100).sum()
 
-        contenders[f"d9d {name}"] = _make_step(model, loss_fn)
+        contenders[f"d9d {name}"] = _make_step(model, loss_fn, clock)
 
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for step in range(args.warmup + args.steps):
@@ -148,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     from tabulate import tabulate
 
     print(
-        f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} "
-        f"head_dim={args.head_dim} vocab={args.vocab} batch={args.batch_size} "
-        f"seq={args.seq_len} dtype={args.dtype}, {args.steps} timed steps (median)"
+        f"shape: layers={args.num_layers} hidden={args.hidden_size} "
+        f"heads={args.num_heads}/{args.num_kv_heads} head_dim={args.head_dim} "
+        f"vocab={args.vocab_size} batch={args.batch_size} seq={args.seq_len} "
+        f"dtype={args.dtype}, {device}, {args.steps} timed steps (median)"
     )
     print(
         tabulate(

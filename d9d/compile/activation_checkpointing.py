@@ -22,6 +22,7 @@ import functools
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -83,7 +84,9 @@ class _SelectiveOpPolicy:
             self._num_matmuls[ctx.is_recompute] += 1
             save = self._num_matmuls[ctx.is_recompute] % 2 == 1
         else:
-            save = func in self._saved_ops or func.overloadpacket in self._saved_ops
+            # Higher-order ops (FlexAttention) have no overload packet.
+            packet = getattr(func, "overloadpacket", None)
+            save = func in self._saved_ops or packet in self._saved_ops
         return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -104,23 +107,26 @@ class CheckpointedQwen3DenseLayer(Qwen3DenseLayer):
     checkpoint_policy: LayerCheckpointPolicy
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         """Runs ``Qwen3DenseLayer.forward`` under the checkpoint policy."""
         policy = self.checkpoint_policy
         layer_forward = super().forward
+        args = (hidden_states, position_embeddings, attention_mask)
         if policy.mode == "memory_budget":
             with torch.autograd.graph.region_activation_memory_budget(policy.memory_budget):
-                return layer_forward(hidden_states, position_embeddings)
+                return layer_forward(*args)
         if policy.mode == "selective":
             return checkpoint(
                 layer_forward,
-                hidden_states,
-                position_embeddings,
+                *args,
                 use_reentrant=False,
                 context_fn=functools.partial(_selective_contexts, policy),
             )
-        return checkpoint(layer_forward, hidden_states, position_embeddings, use_reentrant=False)
+        return checkpoint(layer_forward, *args, use_reentrant=False)
 
 
 def apply_activation_checkpointing(

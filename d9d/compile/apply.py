@@ -136,6 +136,7 @@ def apply_compile_config(
     layers = list(backbone.layers.values())
     assert all(isinstance(layer, Qwen3DenseLayer) for layer in layers)
     report = CompileReport(config=config, steps=[], num_layers=len(layers))
+    backbone.set_attention_backend(config.attention.backend)
     logger.info("applying compile config %r to %d layers", config.name, len(layers))
 
     if config.float8.enabled:

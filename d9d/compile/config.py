@@ -29,6 +29,8 @@ DEFAULT_SAVED_OPS: tuple[str, ...] = (
     "aten._scaled_dot_product_efficient_attention",
     "aten._scaled_dot_product_cudnn_attention",
     "aten._scaled_dot_product_flash_attention_for_cpu",
+    # FlexAttention (the packed-document kernel on CUDA) is a higher-order op.
+    "higher_order.flex_attention",
     # float8 scales: an amax is tiny to keep but recomputing it re-reads a whole tensor.
     "aten.max",
     "aten.amax",
@@ -183,6 +185,20 @@ class FsdpSection(_Section):
         )
 
 
+class AttentionSection(_Section):
+    """``[attention]``: the kernel that attends over packed rows (several documents each).
+
+    Rows with consecutive positions always run plain causal SDPA, whatever this says.
+
+    Attributes:
+        backend: ``"auto"`` (FlexAttention on CUDA, SDPA elsewhere), ``"sdpa"`` (a
+            boolean document mask) or ``"flex"`` (block-sparse FlexAttention; no
+            backward on the CPU).
+    """
+
+    backend: Literal["auto", "sdpa", "flex"] = "auto"
+
+
 class CompileConfig(_Section):
     """A whole compile preset.
 
@@ -192,6 +208,7 @@ class CompileConfig(_Section):
         activation_checkpointing: Checkpoint policy around each layer.
         float8: torchao float8 settings.
         fsdp: FSDP2 mixed-precision settings (consumed by the distributed layer).
+        attention: The packed-document attention backend.
     """
 
     name: str = "custom"
@@ -201,6 +218,7 @@ class CompileConfig(_Section):
     )
     float8: Float8Section = Field(default_factory=Float8Section)
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
+    attention: AttentionSection = Field(default_factory=AttentionSection)
 
 
 def list_presets() -> list[str]:

@@ -17,7 +17,8 @@ cp_replicate, tp``. Two views of that one layout are built:
 """
 
 import os
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import torch
 import torch.distributed as dist
@@ -78,8 +79,12 @@ class DeviceMeshParameters(BaseModel):
         """Initialises the default process group if needed and builds the meshes.
 
         The backend is the device's default (NCCL on CUDA, gloo on CPU). Under
-        ``torchrun`` the accelerator of ``LOCAL_RANK`` becomes the current device; a
-        process not started by ``torchrun`` becomes a world of one.
+        ``torchrun`` the accelerator of ``LOCAL_RANK`` becomes the current device (of
+        ``RANK`` modulo the device count where ``LOCAL_RANK`` is missing); a process not
+        started by ``torchrun`` becomes a world of one on the current device. On an
+        accelerator the group is bound to the device (``device_id``), which makes NCCL
+        create its communicator eagerly and lets the mesh's sub-groups be split from
+        it instead of each one bootstrapping its own.
 
         Returns:
             The distributed context.
@@ -92,15 +97,7 @@ class DeviceMeshParameters(BaseModel):
             # NCCL-style backends bind each rank to the current device.
             torch.accelerator.set_device_index(device.index)
         if not dist.is_initialized():
-            backend = dist.get_default_backend_for_device(device)
-            if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-                dist.init_process_group(backend=backend)
-            else:
-                # Not launched by torchrun: a world of one, so that FSDP2 (e.g. for mixed
-                # precision) and the rest of the stack run unchanged in a plain process.
-                dist.init_process_group(
-                    backend=backend, store=dist.HashStore(), rank=0, world_size=1
-                )
+            dist.init_process_group(**_process_group_kwargs(device, os.environ))
         world_size = dist.get_world_size()
         if self.world_size != world_size:
             raise ValueError(
@@ -116,14 +113,47 @@ class DeviceMeshParameters(BaseModel):
 
 def _pick_device() -> torch.device:
     # An already initialised CPU-only group (gloo) decides for us; otherwise prefer the
-    # accelerator, indexed by torchrun's LOCAL_RANK.
+    # accelerator.
     if dist.is_initialized() and dist.get_backend() == "gloo":
         return torch.device("cpu")
     if torch.accelerator.is_available():
         accelerator = torch.accelerator.current_accelerator()
-        count = torch.accelerator.device_count()
-        return torch.device(accelerator.type, int(os.environ.get("LOCAL_RANK", 0)) % count)
+        index = _accelerator_index(
+            os.environ,
+            torch.accelerator.device_count(),
+            torch.accelerator.current_device_index(),
+        )
+        return torch.device(accelerator.type, index)
     return torch.device("cpu")
+
+
+def _accelerator_index(env: Mapping[str, str], device_count: int, current: int) -> int:
+    """This process's accelerator: by ``LOCAL_RANK``, else ``RANK``, else the current one.
+
+    A launcher that sets ``RANK`` but not ``LOCAL_RANK`` (e.g. one process per node
+    slot) still spreads the ranks over the devices; a plain process keeps the device the
+    caller made current (``--device cuda:1``).
+    """
+    for name in ("LOCAL_RANK", "RANK"):
+        if name in env:
+            return int(env[name]) % device_count
+    return current
+
+
+def _process_group_kwargs(device: torch.device, env: Mapping[str, str]) -> dict[str, Any]:
+    """The arguments of ``init_process_group`` for this process.
+
+    Under ``torchrun`` (``RANK`` or ``WORLD_SIZE`` set) the environment gives the rank
+    and the rendezvous; otherwise a world of one over an in-process store, so that FSDP2
+    (e.g. for mixed precision) and the rest of the stack run unchanged in a plain
+    process. On an accelerator ``device_id`` binds the group to the device.
+    """
+    kwargs: dict[str, Any] = {"backend": dist.get_default_backend_for_device(device)}
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    if device.type != "cpu":
+        kwargs["device_id"] = device
+    return kwargs
 
 
 class DistributedContext:

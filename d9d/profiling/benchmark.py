@@ -13,17 +13,27 @@ One call of :func:`run_benchmark` benchmarks one compile preset on a fresh model
 4. memory is read (CUDA statistics, or the CPU substitute of ``memory.py``); an optional
    ``torch.profiler`` Chrome trace covers a few more steps.
 
-Parameters, gradients and AdamW state are all in the run's dtype (no fp32 master copy),
-which is what a bf16 benchmark of the model's compute needs and keeps CPU runs small.
+:func:`iter_configs` runs several presets one after another: a preset this machine
+cannot run is a skipped record (checked up front), an out-of-memory (or any failure) in
+one preset is a record too, and the previous preset's model and optimizer state are
+garbage-collected before the next one is built.
+
+Precision: with ``mixed_precision`` (the harness's default on a GPU) parameters and AdamW
+state are fp32, FSDP2 casts them to the run's dtype for compute and reduces gradients in
+fp32 (``MixedPrecisionPolicy``; one process runs FSDP2 on a world of one), the setting
+torchtitan reports its MFU with. Without it parameters, gradients and AdamW state are all
+in the run's dtype (pure bf16: no fp32 master copy), which keeps CPU runs small.
 The synthetic batch is one fixed random batch: token values do not change the work.
 """
 
 import contextlib
+import gc
 import math
 import platform
 import re
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +43,7 @@ from torch import nn
 from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from d9d.compile import CompileConfig
+from d9d.compile import CompileConfig, CompileReport
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
@@ -43,7 +53,8 @@ from d9d.profiling.memory import (
     retained_forward_bytes,
 )
 from d9d.profiling.peak import PeakFlops
-from d9d.profiling.report import ProfileRecord
+from d9d.profiling.report import ProfileRecord, Record, SkippedRecord
+from d9d.profiling.support import unsupported_reason
 from d9d.profiling.timers import DeviceClock, StepTimes
 from d9d.stack import build_stage_modules
 
@@ -67,6 +78,9 @@ class BenchmarkSpec:
         cold_compile: Compile each config into a fresh, empty inductor cache, so that the
             first step shows the full compile cost (otherwise kernels cached on disk by
             an earlier run are reused and the first step shows mostly tracing).
+        mixed_precision: fp32 parameters and AdamW state, compute in ``dtype``, gradients
+            reduced in fp32 (FSDP2 ``MixedPrecisionPolicy``). ``False``: everything in
+            ``dtype``.
     """
 
     model_preset: str
@@ -81,6 +95,38 @@ class BenchmarkSpec:
     trace_steps: int = 3
     seed: int = 0
     cold_compile: bool = False
+    mixed_precision: bool = False
+
+
+def with_precision(
+    spec: BenchmarkSpec, compile_config: CompileConfig | None
+) -> tuple[CompileConfig, torch.dtype, str]:
+    """The preset with the run's precision, the parameter dtype, and a label for the report.
+
+    With ``spec.mixed_precision`` the preset's ``[fsdp]`` section gets
+    ``param_dtype = spec.dtype`` and ``reduce_dtype = float32`` and parameters are fp32;
+    otherwise the preset is used as it is, with parameters in ``spec.dtype``.
+
+    Args:
+        spec: The run.
+        compile_config: The compile preset (``None``: eager).
+
+    Returns:
+        ``(config, param_dtype, label)``.
+    """
+    config = compile_config or CompileConfig(name="eager")
+    dtype = _dtype_name(spec.dtype)
+    if spec.mixed_precision and spec.dtype != torch.float32:
+        fsdp = config.fsdp.model_copy(update={"param_dtype": dtype, "reduce_dtype": "float32"})
+        config = config.model_copy(update={"fsdp": fsdp})
+        label = f"mixed: float32 parameters and optimizer, {dtype} compute, float32 reduce"
+        return config, torch.float32, label
+    if config.fsdp.is_mixed_precision:  # the preset itself asks for casting
+        compute = config.fsdp.param_dtype or dtype
+        reduce = config.fsdp.reduce_dtype or dtype
+        label = f"mixed (preset): {dtype} parameters, {compute} compute, {reduce} reduce"
+        return config, spec.dtype, label
+    return config, spec.dtype, f"pure {dtype}: parameters, optimizer state and compute"
 
 
 def validate_spec(spec: BenchmarkSpec) -> None:
@@ -138,6 +184,28 @@ def make_adamw(params, lr: float = 1e-4) -> tuple[torch.optim.Optimizer, str]:
         return torch.optim.AdamW(params, lr=lr, foreach=True), "AdamW(foreach)"
 
 
+def float8_summary(report: CompileReport | None) -> str | None:
+    """One line on what float8 converted and what it kept in high precision, and why.
+
+    Linears of every layer are grouped (``layers.*.self_attn.k_proj x28``), so the line
+    stays short for a deep model. ``None`` when float8 was not applied.
+    """
+    if report is None or report.float8 is None:
+        return None
+    groups: dict[tuple[str, str], int] = {}
+    for fqn, reason in report.float8.skipped.items():
+        key = (re.sub(r"\.\d+\.", ".*.", fqn), reason)
+        groups[key] = groups.get(key, 0) + 1
+    kept = "; ".join(
+        f"{name}{f' x{count}' if count > 1 else ''}: {reason}"
+        for (name, reason), count in groups.items()
+    )
+    return (
+        f"converted {len(report.float8.converted)} linears, kept "
+        f"{len(report.float8.skipped)} in high precision" + (f" ({kept})" if kept else "")
+    )
+
+
 def synthetic_batch(spec: BenchmarkSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``input_ids`` and ``labels`` of shape ``(batch_size, seq_len)``."""
     generator = torch.Generator().manual_seed(spec.seed)
@@ -158,10 +226,12 @@ class SingleProcessTrainer:
             spec: The run.
             compile_config: The compile preset, or ``None`` for plain eager.
         """
+        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
         stack = build_stage_modules(
-            spec.params, compile_config, param_dtype=spec.dtype, device=spec.device, seed=spec.seed
+            spec.params, compile_config, param_dtype=param_dtype, device=spec.device, seed=spec.seed
         )
         (model,) = stack.modules
+        self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
@@ -293,8 +363,10 @@ def run_benchmark(
         model=spec.params.model_dump(),
         device=str(spec.device),
         device_name=device_name(spec.device),
-        dtype=str(spec.dtype).removeprefix("torch."),
+        dtype=_dtype_name(spec.dtype),
+        precision=getattr(trainer, "precision", ""),
         float8=float8,
+        float8_summary=getattr(trainer, "float8_summary", None),
         batch_size=spec.batch_size,
         seq_len=spec.seq_len,
         world_size=world_size,
@@ -328,6 +400,106 @@ def run_benchmark(
         loss_last=losses[-1],
         torch_version=torch.__version__,
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees what a finished config left behind, before the next one is built.
+
+    ``Module.compile`` ties a model into a reference cycle, so its parameters, gradients
+    and AdamW state outlive the last reference until the cycle collector runs; on CUDA
+    the caching allocator then still holds the freed blocks. Without both, a later config
+    is measured (or runs out of memory) with the previous one's tensors resident.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def iter_configs(
+    spec: BenchmarkSpec,
+    configs: Sequence[CompileConfig],
+    make_trainer: Callable[[CompileConfig], Trainer],
+    peak_for: Callable[[CompileConfig], PeakFlops],
+    *,
+    contain_failures: bool = True,
+    log: Callable[[str], None] = _stderr,
+    **benchmark_kwargs,
+) -> Iterator[Record]:
+    """Benchmarks ``configs`` one after another, yielding each record as it is finished.
+
+    * A config :func:`~d9d.profiling.support.unsupported_reason` refuses is not built:
+      its record says ``skipped`` and why.
+    * With ``contain_failures``, an out-of-memory (or any other exception) inside one
+      config becomes that config's record (``out of memory`` / ``failed``, the traceback
+      on ``log``) and the next config runs. A distributed run passes ``False``: a rank
+      that carries on alone would wait forever in its peers' collectives.
+    * Memory is released (:func:`release_memory`) after every config.
+
+    Args:
+        spec: The run.
+        configs: The compile presets, in order.
+        make_trainer: Builds a fresh trainer for one preset.
+        peak_for: The peak MFU is divided by, for one preset.
+        contain_failures: Turn a failure inside a config into its record.
+        log: Progress lines.
+        **benchmark_kwargs: Passed to :func:`run_benchmark` (``world_size``, ``rank``,
+            ``tokens_per_step``).
+
+    Yields:
+        One :class:`ProfileRecord` or :class:`SkippedRecord` per config, in order.
+    """
+    for config in configs:
+        float8 = config.float8.enabled
+
+        def skipped(status: str, reason: str, config=config, float8=float8) -> SkippedRecord:
+            return SkippedRecord(
+                status=status,
+                config=config.name,
+                reason=reason,
+                model_preset=spec.model_preset,
+                device=str(spec.device),
+                dtype=_dtype_name(spec.dtype),
+                float8=float8,
+            )
+
+        reason = unsupported_reason(config, spec.device)
+        if reason is not None:
+            log(f"[{config.name}] skipped: {reason}")
+            yield skipped("skipped", reason)
+            continue
+        record: Record
+        try:
+            record = run_benchmark(
+                spec,
+                config.name,
+                lambda config=config: make_trainer(config),
+                peak_for(config),
+                float8=float8,
+                log=log,
+                **benchmark_kwargs,
+            )
+        except torch.OutOfMemoryError as err:
+            if not contain_failures:
+                raise
+            log(f"[{config.name}] out of memory: {_one_line(err)[:300]}")
+            record = skipped("out of memory", _one_line(err)[:300])
+        except Exception as err:  # one config's failure must not cost the rest
+            if not contain_failures:
+                raise
+            log(f"[{config.name}] failed:\n{traceback.format_exc().rstrip()}")
+            record = skipped("failed", f"{type(err).__name__}: {_one_line(err)[:300]}")
+        # The except clauses above dropped the traceback (and with it the failed
+        # trainer's frames) before this point.
+        release_memory(spec.device)
+        yield record
 
 
 def _run_steps(

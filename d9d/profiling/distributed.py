@@ -12,11 +12,17 @@ FLOPs are divided by the TP degree), so tokens/s and MFU read the same way as on
 are directly comparable with the single-device table. Rank 0 merges the ranks' records:
 the slowest rank's step time (the others wait for it), the largest peak memory, the
 largest graph-break and recompile counts, and the loss from the last stage.
+
+A preset this machine cannot run is skipped on every rank alike (the check is the same
+everywhere); a failure inside a config is not contained here, since a rank carrying on
+alone would wait forever in its peers' collectives: rank 0 has printed the finished
+rows by then.
 """
 
-import argparse
+import dataclasses
 import os
 import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,10 +32,41 @@ from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
-from d9d.profiling.benchmark import BenchmarkSpec, make_adamw, run_benchmark, synthetic_batch
+from d9d.profiling.benchmark import (
+    BenchmarkSpec,
+    float8_summary,
+    iter_configs,
+    make_adamw,
+    synthetic_batch,
+    with_precision,
+)
 from d9d.profiling.peak import PeakFlops, resolve_peak_flops
-from d9d.profiling.report import ProfileRecord
+from d9d.profiling.report import ProfileRecord, Record
 from d9d.stack import build_stage_modules
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    """How the harness splits the world under ``torchrun``.
+
+    Attributes:
+        pp: Pipeline stages.
+        dp_shard: FSDP shard degree.
+        dp_replicate: HSDP replicas.
+        tp: Tensor-parallel degree.
+        microbatches: Pipeline microbatches (``None``: one per stage).
+    """
+
+    pp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    tp: int = 1
+    microbatches: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes the layout needs."""
+        return self.pp * self.dp_shard * self.dp_replicate * self.tp
 
 
 class DistributedTrainer:
@@ -50,11 +87,13 @@ class DistributedTrainer:
             compile_config: The compile preset.
             n_microbatches: Pipeline microbatches (ignored without pipelining).
         """
+        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
         stack = build_stage_modules(
-            spec.params, compile_config, dist_context, param_dtype=spec.dtype, seed=spec.seed
+            spec.params, compile_config, dist_context, param_dtype=param_dtype, seed=spec.seed
         )
         (model,) = stack.modules
         (stage,) = stack.infos
+        self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
         if dist_context.is_main_process:
             # What tensor parallelism and FSDP2 save: the parameters this rank stores.
@@ -67,7 +106,7 @@ class DistributedTrainer:
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
         # Each data-parallel rank reads its own samples; pipeline peers read the same.
-        shard_spec = BenchmarkSpec(**{**spec.__dict__, "seed": spec.seed + dist_context.dp_rank})
+        shard_spec = dataclasses.replace(spec, seed=spec.seed + dist_context.dp_rank)
         input_ids, labels = synthetic_batch(shard_spec)
         self.batch = {"input_ids": input_ids, "labels": labels}
         self.dp_size = dist_context.dp_size
@@ -132,43 +171,47 @@ def _merge(records: list[ProfileRecord]) -> ProfileRecord:
     )
 
 
-def run_distributed(
-    spec: BenchmarkSpec, configs: dict, args: argparse.Namespace
-) -> list[ProfileRecord]:
-    """Benchmarks every config on every rank; returns the merged records on rank 0.
+def iter_distributed(
+    spec: BenchmarkSpec,
+    configs: Sequence[CompileConfig],
+    layout: ParallelLayout,
+    *,
+    peak_tflops: float | None = None,
+) -> Iterator[Record]:
+    """Benchmarks every config on every rank; yields the merged records on rank 0.
 
     Args:
         spec: The run (``batch_size`` per data-parallel rank).
-        configs: Compile presets by the name given on the command line.
-        args: The parsed command line (``pp``, ``dp_shard``, ``dp_replicate``, ``tp``,
-            ``microbatches``, ``peak_tflops``).
+        configs: Compile presets, in order.
+        layout: The parallel layout.
+        peak_tflops: An explicit peak per device (``--peak-tflops``).
 
-    Returns:
-        The records on rank 0, an empty list on the other ranks.
+    Yields:
+        On rank 0, one record per config as soon as every rank has finished it; nothing
+        on the other ranks. The process group is destroyed at the end.
 
     Raises:
         ValueError: When not launched by ``torchrun``, or the mesh does not match the
             world size, or the batch does not split into the microbatches.
     """
     if "WORLD_SIZE" not in os.environ:
-        world = args.pp * args.dp_shard * args.dp_replicate * args.tp
         raise ValueError(
-            f"--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
-            f"{world} profiling/mfu.py ..."
+            "--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
+            f"{layout.world_size} profiling/mfu.py ..."
         )
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
         dist.init_process_group("gloo")
     dist_context = DeviceMeshParameters(
-        pipeline_parallel=args.pp,
-        data_parallel_shard=args.dp_shard,
-        data_parallel_replicate=args.dp_replicate,
-        tensor_parallel=args.tp,
+        pipeline_parallel=layout.pp,
+        data_parallel_shard=layout.dp_shard,
+        data_parallel_replicate=layout.dp_replicate,
+        tensor_parallel=layout.tp,
     ).build()
     device = dist_context.device
-    spec = BenchmarkSpec(**{**spec.__dict__, "device": device})
-    n_microbatches = args.microbatches or args.pp
-    if args.pp > 1 and spec.batch_size % n_microbatches:
+    spec = dataclasses.replace(spec, device=device)
+    n_microbatches = layout.microbatches or layout.pp
+    if layout.pp > 1 and spec.batch_size % n_microbatches:
         raise ValueError(
             f"--batch-size {spec.batch_size} does not split into {n_microbatches} microbatches"
         )
@@ -179,30 +222,31 @@ def run_distributed(
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
 
-    merged: list[ProfileRecord] = []
-    for config in configs.values():
-        float8 = config.float8.enabled
-        peak = _agreed_peak(
-            resolve_peak_flops(device, spec.dtype, float8=float8, override_tflops=args.peak_tflops),
-            device,
+    def peak_for(config: CompileConfig) -> PeakFlops:
+        peak = resolve_peak_flops(
+            device, spec.dtype, float8=config.float8.enabled, override_tflops=peak_tflops
         )
-        record = run_benchmark(
-            spec,
-            config.name,
-            lambda config=config: DistributedTrainer(spec, dist_context, config, n_microbatches),
-            peak,
-            float8=float8,
-            world_size=world_size,
-            rank=rank,
-            tokens_per_step=tokens_per_step,
-            log=log,
-        )
+        return _agreed_peak(peak, device)
+
+    records = iter_configs(
+        spec,
+        configs,
+        lambda config: DistributedTrainer(spec, dist_context, config, n_microbatches),
+        peak_for,
+        contain_failures=False,
+        log=log,
+        world_size=world_size,
+        rank=rank,
+        tokens_per_step=tokens_per_step,
+    )
+    for record in records:
+        if not isinstance(record, ProfileRecord):  # skipped alike on every rank
+            if rank == 0:
+                yield record
+            continue
         gathered: list[ProfileRecord | None] = [None] * world_size if rank == 0 else []
         dist.gather_object(record, gathered if rank == 0 else None, dst=0)
         if rank == 0:
-            merged.append(_merge([r for r in gathered if r is not None]))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            yield _merge([r for r in gathered if r is not None])
     dist.barrier()
     dist.destroy_process_group()
-    return merged

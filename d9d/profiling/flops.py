@@ -23,6 +23,7 @@ sequence length of the batch actually run (``input_ids.shape[1]``), not the mode
 ``max_position_ids``.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from d9d.module.model.qwen3_dense import (
@@ -97,3 +98,44 @@ def training_flops_per_token(
     layer = model.layer
     attention = 12 * model.num_hidden_layers * layer.num_attention_heads * layer.head_dim * seq_len
     return TrainingFlopsPerToken(matmul=6 * matmul_parameter_count(params), attention=attention)
+
+
+def packed_training_flops_per_token(
+    params: Qwen3DenseForCausalLMParameters | Qwen3DenseParameters,
+    document_lengths: Sequence[int],
+) -> TrainingFlopsPerToken:
+    """Model FLOPs per real token when attention is restricted to each document.
+
+    With packed rows a token attends only to its own document, so the attention term
+    counts ``sum(n_i ** 2)`` over the documents (segments) ``n_i`` instead of ``S ** 2``
+    per row, averaged over the ``sum(n_i)`` real tokens::
+
+        flops_per_token = 6 * N + 12 * L * H * head_dim * sum(n_i ** 2) / sum(n_i)
+
+    Same convention as :func:`training_flops_per_token`: the full ``n x n`` score matrix
+    of each document (not its causal half), so that one document of length ``S`` gives
+    exactly the unpacked number. Padding is not a document: it does no useful work, and
+    the caller divides by real tokens only, so MFU is not inflated by padding or by
+    attention across document boundaries that the mask skips.
+
+    Args:
+        params: Causal-LM or backbone parameters.
+        document_lengths: Length of every document (or continuation chunk) the tokens
+            belong to.
+
+    Returns:
+        The two terms per real token.
+
+    Raises:
+        ValueError: If there is no document or a length is not positive.
+    """
+    lengths = [int(n) for n in document_lengths]
+    if not lengths or min(lengths) < 1:
+        raise ValueError("document_lengths must be a non-empty list of positive lengths")
+    model = _backbone(params)
+    layer = model.layer
+    per_square = 12 * model.num_hidden_layers * layer.num_attention_heads * layer.head_dim
+    attention = per_square * sum(n * n for n in lengths) / sum(lengths)
+    return TrainingFlopsPerToken(
+        matmul=6 * matmul_parameter_count(params), attention=round(attention)
+    )

@@ -6,6 +6,10 @@ from the vendor datasheets, per GPU. A CPU has no datasheet number that PyTorch 
 so its peak is measured here: the best FLOP/s of a few large square matmuls in the run's
 dtype on the run's threads. An accelerator missing from the table is an error that asks
 for an explicit peak: a guessed peak would make every MFU silently wrong.
+
+A MIG slice reports the whole GPU's name plus its profile ("NVIDIA H100 80GB HBM3 MIG
+1g.10gb") but owns only some of its streaming multiprocessors; its peak is the datasheet
+peak scaled by its SM count over the full GPU's (tensor-core throughput is per SM).
 """
 
 import re
@@ -38,12 +42,15 @@ class AcceleratorPeak:
         tflops: Peak per dtype name (``bfloat16``, ``float16``, ``float8``,
             ``float32``); a missing dtype has no published number we trust.
         source: Where the numbers come from.
+        num_sms: Streaming multiprocessors (AMD: compute units) of the full device, to
+            scale the peak of a MIG slice; ``None`` where not tabulated.
     """
 
     name: str
     pattern: str
     tflops: dict[str, float]
     source: str
+    num_sms: int | None = None
 
 
 # Order matters: the first pattern that matches wins, so specific names (H100 NVL,
@@ -54,12 +61,14 @@ ACCELERATOR_PEAKS: tuple[AcceleratorPeak, ...] = (
         r"h100\s*nvl",
         {"bfloat16": 835.5, "float16": 835.5, "float8": 1670.5, "float32": 60.0},
         _NVIDIA_H100,
+        num_sms=132,
     ),
     AcceleratorPeak(
         "H100 PCIe",
         r"h100\s*pcie",
         {"bfloat16": 756.5, "float16": 756.5, "float8": 1513.0, "float32": 51.0},
         _NVIDIA_H100,
+        num_sms=114,
     ),
     # "NVIDIA H100 80GB HBM3" is how the SXM5 part reports itself.
     AcceleratorPeak(
@@ -67,24 +76,28 @@ ACCELERATOR_PEAKS: tuple[AcceleratorPeak, ...] = (
         r"h100",
         {"bfloat16": 989.4, "float16": 989.4, "float8": 1978.9, "float32": 67.0},
         _NVIDIA_H100,
+        num_sms=132,
     ),
     AcceleratorPeak(
         "GH200",
         r"gh200",
         {"bfloat16": 989.4, "float16": 989.4, "float8": 1978.9, "float32": 67.0},
         _NVIDIA_GH200,
+        num_sms=132,
     ),
     AcceleratorPeak(
         "H200 NVL",
         r"h200\s*nvl",
         {"bfloat16": 835.5, "float16": 835.5, "float8": 1670.5, "float32": 60.0},
         _NVIDIA_H200,
+        num_sms=132,
     ),
     AcceleratorPeak(
         "H200 SXM",
         r"h200",
         {"bfloat16": 989.4, "float16": 989.4, "float8": 1978.9, "float32": 67.0},
         _NVIDIA_H200,
+        num_sms=132,
     ),
     # A100 has no float8 tensor cores, so there is deliberately no float8 entry.
     AcceleratorPeak(
@@ -92,6 +105,7 @@ ACCELERATOR_PEAKS: tuple[AcceleratorPeak, ...] = (
         r"a100",
         {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
         _NVIDIA_A100,
+        num_sms=108,
     ),
     AcceleratorPeak(
         "GB200",
@@ -104,30 +118,35 @@ ACCELERATOR_PEAKS: tuple[AcceleratorPeak, ...] = (
         r"b200",
         {"bfloat16": 2250.0, "float16": 2250.0, "float8": 4500.0},
         _NVIDIA_B200,
+        num_sms=148,
     ),
     AcceleratorPeak(
         "L40S",
         r"l40s",
         {"bfloat16": 362.05, "float16": 362.05, "float8": 733.0, "float32": 91.6},
         _NVIDIA_L40S,
+        num_sms=142,
     ),
     AcceleratorPeak(
         "L4",
         r"\bl4\b",
         {"bfloat16": 121.0, "float16": 121.0, "float8": 242.5, "float32": 30.3},
         _NVIDIA_L4,
+        num_sms=58,
     ),
     AcceleratorPeak(
         "MI325X",
         r"mi325x",
         {"bfloat16": 1307.4, "float16": 1307.4, "float8": 2614.9, "float32": 163.4},
         _AMD_MI325X,
+        num_sms=304,
     ),
     AcceleratorPeak(
         "MI300X",
         r"mi300x",
         {"bfloat16": 1307.4, "float16": 1307.4, "float8": 2614.9, "float32": 163.4},
         _AMD_MI300X,
+        num_sms=304,
     ),
 )
 
@@ -173,21 +192,33 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
-def lookup_accelerator_peak(device_name: str, dtype: torch.dtype) -> PeakFlops:
+_MIG_PROFILE = re.compile(r"\bMIG\s+(\d+g\.\d+gb)", flags=re.IGNORECASE)
+
+
+def lookup_accelerator_peak(
+    device_name: str, dtype: torch.dtype, num_sms: int | None = None
+) -> PeakFlops:
     """Finds the datasheet peak of an accelerator by the name PyTorch reports.
 
     Args:
-        device_name: E.g. ``"NVIDIA H100 80GB HBM3"`` or ``"AMD Instinct MI300X"``.
+        device_name: E.g. ``"NVIDIA H100 80GB HBM3"``, ``"AMD Instinct MI300X"`` or a MIG
+            slice, ``"NVIDIA H100 80GB HBM3 MIG 1g.10gb"``.
         dtype: The matmul dtype.
+        num_sms: The SMs this process can use
+            (``torch.cuda.get_device_properties(...).multi_processor_count``). Fewer
+            than the full device's scale the peak down (a MIG slice); a MIG name
+            requires it.
 
     Returns:
         The peak and its source.
 
     Raises:
         UnknownAcceleratorError: If no row matches the name, or the matching row has no
-            number for ``dtype``. The message asks for ``--peak-tflops``.
+            number for ``dtype``, or the name is a MIG slice whose SM share is unknown.
+            The message asks for ``--peak-tflops``.
     """
     key = dtype_name(dtype)
+    mig = _MIG_PROFILE.search(device_name)
     for row in ACCELERATOR_PEAKS:
         if re.search(row.pattern, device_name, flags=re.IGNORECASE):
             if key not in row.tflops:
@@ -195,10 +226,27 @@ def lookup_accelerator_peak(device_name: str, dtype: torch.dtype) -> PeakFlops:
                     f"no {key} peak is tabulated for {row.name} ('{device_name}'); pass "
                     f"--peak-tflops with its dense {key} TFLOP/s"
                 )
+            tflops = row.tflops[key]
+            source = f"{row.name} {key} dense {tflops:g} TFLOP/s ({row.source})"
+            if mig is not None and (num_sms is None or row.num_sms is None):
+                raise UnknownAcceleratorError(
+                    f"'{device_name}' is a MIG slice ({mig.group(1)}) of a {row.name}, whose "
+                    "share of the GPU's SMs is unknown here; pass --peak-tflops with the "
+                    f"slice's dense {key} TFLOP/s"
+                )
+            if num_sms is not None and row.num_sms is not None and num_sms < row.num_sms:
+                # Tensor-core throughput is per SM: a slice gets its share of the peak.
+                what = f"MIG {mig.group(1)}" if mig else "partial device"
+                source = (
+                    f"{row.name} {what}: {num_sms}/{row.num_sms} SMs of {tflops:g} = "
+                    f"{tflops * num_sms / row.num_sms:.1f} TFLOP/s {key} dense ({row.source}, "
+                    "scaled by SM count)"
+                )
+                tflops = tflops * num_sms / row.num_sms
             return PeakFlops(
-                flops_per_second=row.tflops[key] * 1e12,
+                flops_per_second=tflops * 1e12,
                 dtype=key,
-                source=f"{row.name} {key} dense {row.tflops[key]:g} TFLOP/s ({row.source})",
+                source=source,
                 measured=False,
             )
     raise UnknownAcceleratorError(
@@ -207,11 +255,14 @@ def lookup_accelerator_peak(device_name: str, dtype: torch.dtype) -> PeakFlops:
     )
 
 
-_CPU_PEAK_CACHE: dict[tuple[torch.dtype, tuple[int, ...], int], float] = {}
+_CPU_PEAK_CACHE: dict[tuple[torch.dtype, tuple[int, ...], int], tuple[float, int]] = {}
 
 
 def measure_cpu_matmul_peak(
-    dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 3
+    dtype: torch.dtype,
+    sizes: tuple[int, ...] = (512, 1024, 2048),
+    repeats: int = 3,
+    budget_seconds: float = 20.0,
 ) -> float:
     """Measures the CPU's matmul peak in ``dtype``: best FLOP/s of square GEMMs.
 
@@ -221,30 +272,56 @@ def measure_cpu_matmul_peak(
     from other processes only ever lowers a sample. The result is cached per dtype,
     sizes and thread count for the life of the process.
 
+    A size whose projected cost (cubic in the side, from the previous size's timing)
+    would take the measurement past ``budget_seconds`` is left out: on a CPU without
+    fast bf16 kernels one 2048^3 bf16 matmul takes about a minute, and the smaller sizes
+    already show what the kernel reaches. :func:`largest_measured_size` tells how far
+    it went.
+
     Args:
         dtype: The matmul dtype (the run's dtype).
-        sizes: Side lengths of the square matrices.
+        sizes: Side lengths of the square matrices, ascending.
         repeats: Timed runs per size.
+        budget_seconds: Time the measurement may take (the first size always runs).
 
     Returns:
         Peak FLOP/s.
     """
     key = (dtype, tuple(sizes), torch.get_num_threads())
     if key in _CPU_PEAK_CACHE:
-        return _CPU_PEAK_CACHE[key]
+        return _CPU_PEAK_CACHE[key][0]
     best = 0.0
+    largest = sizes[0]
     generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    previous: tuple[int, float] | None = None
     for size in sizes:
+        if previous is not None:
+            prev_size, prev_seconds = previous
+            projected = prev_seconds * (size / prev_size) ** 3 * (repeats + 1)
+            if time.perf_counter() - started + projected > budget_seconds:
+                break
+        largest = size
         a = torch.randn(size, size, generator=generator).to(dtype)
         b = torch.randn(size, size, generator=generator).to(dtype)
         torch.mm(a, b)
+        fastest = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             torch.mm(a, b)
-            elapsed = time.perf_counter() - start
-            best = max(best, 2 * size**3 / elapsed)
-    _CPU_PEAK_CACHE[key] = best
+            fastest = min(fastest, time.perf_counter() - start)
+        best = max(best, 2 * size**3 / fastest)
+        previous = (size, fastest)
+    _CPU_PEAK_CACHE[key] = (best, largest)
     return best
+
+
+def largest_measured_size(
+    dtype: torch.dtype, sizes: tuple[int, ...] = (512, 1024, 2048)
+) -> int | None:
+    """The largest matmul side :func:`measure_cpu_matmul_peak` reached (``None``: not run)."""
+    cached = _CPU_PEAK_CACHE.get((dtype, tuple(sizes), torch.get_num_threads()))
+    return None if cached is None else cached[1]
 
 
 def resolve_peak_flops(
@@ -296,13 +373,17 @@ def resolve_peak_flops(
             dtype=dtype_name(peak_dtype),
             source=(
                 f"measured on this CPU: best {dtype_name(peak_dtype)} square matmul "
-                f"(512-2048) on {torch.get_num_threads()} threads, "
+                f"(512-{largest_measured_size(peak_dtype)}) on {torch.get_num_threads()} threads, "
                 f"{flops / 1e12:.3f} TFLOP/s{basis}"
             ),
             measured=True,
         )
     if device.type == "cuda":
-        peak = lookup_accelerator_peak(torch.cuda.get_device_name(device), peak_dtype)
+        peak = lookup_accelerator_peak(
+            torch.cuda.get_device_name(device),
+            peak_dtype,
+            num_sms=torch.cuda.get_device_properties(device).multi_processor_count,
+        )
         return PeakFlops(
             flops_per_second=peak.flops_per_second,
             dtype=peak.dtype,
@@ -311,4 +392,37 @@ def resolve_peak_flops(
         )
     raise UnknownAcceleratorError(
         f"no peak FLOP/s is known for device type '{device.type}'; pass --peak-tflops"
+    )
+
+
+def faster_dtype_note(
+    device: torch.device, dtype: torch.dtype, *, margin: float = 1.2
+) -> str | None:
+    """A warning when this CPU multiplies faster in the other of bf16 / fp32.
+
+    Some CPUs (AVX-512 with bf16 instructions but no AMX) run bf16 GEMMs at half their
+    fp32 speed: a bf16 run then reports a high MFU against its low bf16 peak while fp32
+    would train about twice as fast. Both peaks are measured (cached, a few seconds).
+
+    Args:
+        device: The device of the run (only the CPU is measured).
+        dtype: The run's dtype.
+        margin: How much faster the other dtype must be to say so.
+
+    Returns:
+        One line for under the table, or ``None``.
+    """
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    run_peak = measure_cpu_matmul_peak(dtype)
+    other_peak = measure_cpu_matmul_peak(other)
+    if other_peak <= margin * run_peak:
+        return None
+    return (
+        f"note: this CPU's measured {dtype_name(other)} matmul peak "
+        f"({other_peak / 1e12:.3f} TFLOP/s) is {other_peak / run_peak:.1f}x its "
+        f"{dtype_name(dtype)} peak ({run_peak / 1e12:.3f} TFLOP/s): --dtype "
+        f"{dtype_name(other)} would likely train faster; the MFU above is against the "
+        f"{dtype_name(dtype)} peak"
     )

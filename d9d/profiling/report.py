@@ -1,27 +1,37 @@
 """The result of benchmarking one compile preset, and the table that prints them.
 
-One :class:`ProfileRecord` per config; ``--json`` writes ``[record.model_dump(), ...]``.
-All rates are **per device** (under ``torchrun``: per rank), so MFU compares with the
-peak of one device.
+One :class:`ProfileRecord` per config that ran, one :class:`SkippedRecord` per config
+that could not (unsupported here, or out of memory); ``--json`` writes
+``[record.model_dump(), ...]`` and every entry has a ``status``. All rates are **per
+device** (under ``torchrun``: per rank), so MFU compares with the peak of one device.
+
+The table is built to be streamed: :func:`table_header` first, then one
+:func:`table_row` as each config finishes (so a later failure cannot lose the rows
+already measured), then :func:`table_footer`. :func:`format_table` is the three at once.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from tabulate import tabulate
 
 
 class ProfileRecord(BaseModel):
     """Everything measured for one config.
 
     Attributes:
+        status: Always ``"ok"`` (a config that did not run is a :class:`SkippedRecord`).
         config: Compile preset name.
         model_preset: Model preset name.
         model: The model parameters (``Qwen3DenseForCausalLMParameters`` as a dict).
         device: ``cpu``, ``cuda:0``, ...
         device_name: Product name of the device (CPU model or GPU name).
-        dtype: Parameter and compute dtype of the run.
+        dtype: Compute dtype of the run.
+        precision: How parameters, compute and gradient reductions are typed (pure
+            ``dtype``, or mixed: fp32 parameters and optimizer, ``dtype`` compute, fp32
+            reductions).
         float8: Whether float8 linears were enabled.
+        float8_summary: What the float8 conversion converted and kept in high precision,
+            and why (``None`` without float8).
         batch_size: Sequences per step (per data-parallel rank).
         seq_len: Tokens per sequence.
         world_size: Number of processes.
@@ -63,13 +73,16 @@ class ProfileRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    status: Literal["ok"] = "ok"
     config: str
     model_preset: str
     model: dict[str, Any]
     device: str
     device_name: str
     dtype: str
+    precision: str = ""
     float8: bool
+    float8_summary: str | None = None
     batch_size: int
     seq_len: int
     world_size: int
@@ -104,59 +117,108 @@ class ProfileRecord(BaseModel):
     torch_version: str
 
 
+class SkippedRecord(BaseModel):
+    """A config that did not produce measurements, and why.
+
+    Attributes:
+        status: ``"skipped"`` (checked up front: this machine cannot run it),
+            ``"out of memory"`` or ``"failed"`` (it started and raised).
+        config: Compile preset name.
+        reason: One line: what is missing or what was raised.
+        model_preset: Model preset name.
+        device: ``cpu``, ``cuda:0``, ...
+        dtype: Compute dtype of the run.
+        float8: Whether the preset enables float8 linears.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["skipped", "out of memory", "failed"]
+    config: str
+    reason: str
+    model_preset: str
+    device: str
+    dtype: str
+    float8: bool
+
+
+Record = ProfileRecord | SkippedRecord
+"""One row of the table."""
+
+
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:,.0f} MiB"
 
 
-def format_table(records: list[ProfileRecord]) -> str:
-    """Renders the records as one table plus footnotes naming the peak and memory sources.
+# Fixed widths (at least the header's): a row is printed the moment its config finishes,
+# before the later rows' values are known. A longer value only shifts its own row, which
+# a Markdown renderer does not mind.
+_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("config", 26),
+    ("tokens/s", 10),
+    ("TFLOP/s", 8),
+    ("MFU", 16),
+    ("peak mem", 11),
+    ("layer act mem", 13),
+    ("first step s", 12),
+    ("median step s", 13),
+    ("optim share", 11),
+    ("graph breaks", 12),
+    ("recompiles", 10),
+)
+
+
+def _line(cells: list[str]) -> str:
+    padded = [f"{cell:<{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True)]
+    return "| " + " | ".join(padded) + " |"
+
+
+def table_header() -> str:
+    """The two header lines of the table (GitHub Markdown)."""
+    rule = "|" + "|".join("-" * (width + 2) for _, width in _COLUMNS) + "|"
+    return _line([name for name, _ in _COLUMNS]) + "\n" + rule
+
+
+def table_row(rec: Record) -> str:
+    """One config's row; a skipped config shows its status (the reason is a footnote)."""
+    if isinstance(rec, SkippedRecord):
+        return _line([rec.config, rec.status] + ["-"] * (len(_COLUMNS) - 2))
+    mfu = f"{rec.mfu:.1%}" + (" (vs bf16)" if rec.float8 else "")
+    return _line(
+        [
+            rec.config,
+            f"{rec.tokens_per_second:,.0f}",
+            f"{rec.achieved_flops_per_second / 1e12:.3f}",
+            mfu,
+            _mib(rec.peak_memory_bytes),
+            "-" if rec.activation_memory_bytes is None else _mib(rec.activation_memory_bytes),
+            f"{rec.first_step_seconds:.2f}",
+            f"{rec.step_seconds_median:.3f}",
+            f"{rec.optimizer_fraction:.1%}",
+            str(rec.graph_breaks),
+            str(rec.recompiles),
+        ]
+    )
+
+
+def table_footer(records: list[Record], notes: list[str] | tuple[str, ...] = ()) -> str:
+    """The footnotes: run settings, FLOPs convention, peak and memory sources, skips.
 
     Args:
-        records: One record per config, all from the same run.
-
-    Returns:
-        The text to print.
+        records: Every row of the table.
+        notes: Extra lines for the end (e.g. that another dtype would be faster here).
     """
-    headers = [
-        "config",
-        "tokens/s",
-        "TFLOP/s",
-        "MFU",
-        "peak mem",
-        "layer act mem",
-        "first step s",
-        "median step s",
-        "optim share",
-        "graph breaks",
-        "recompiles",
-    ]
-    rows = []
-    for rec in records:
-        mfu = f"{rec.mfu:.1%}" + (" (vs bf16)" if rec.float8 else "")
-        rows.append(
-            [
-                rec.config,
-                f"{rec.tokens_per_second:,.0f}",
-                f"{rec.achieved_flops_per_second / 1e12:.3f}",
-                mfu,
-                _mib(rec.peak_memory_bytes),
-                "-" if rec.activation_memory_bytes is None else _mib(rec.activation_memory_bytes),
-                f"{rec.first_step_seconds:.2f}",
-                f"{rec.step_seconds_median:.3f}",
-                f"{rec.optimizer_fraction:.1%}",
-                rec.graph_breaks,
-                rec.recompiles,
-            ]
-        )
-    lines = [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
-    if records:
-        first = records[0]
+    lines: list[str] = []
+    measured = [rec for rec in records if isinstance(rec, ProfileRecord)]
+    if measured:
+        first = measured[0]
         lines.append("")
         per_rank = " per data-parallel rank" if first.world_size > 1 else ""
+        precision = f" ({first.precision})" if first.precision else ""
         lines.append(
             f"model {first.model_preset}, batch {first.batch_size}{per_rank} x seq "
-            f"{first.seq_len}, {first.dtype}, {first.device} ({first.device_name}), world size "
-            f"{first.world_size}, threads {first.num_threads}, {first.optimizer}; "
+            f"{first.seq_len}, {first.dtype}{precision}, {first.device} ({first.device_name}), "
+            f"world size {first.world_size}, threads {first.num_threads}, {first.optimizer}; "
             "rates are per device"
         )
         lines.append(
@@ -169,12 +231,36 @@ def format_table(records: list[ProfileRecord]) -> str:
             else "first step: includes compile, reusing kernels an earlier run cached on disk "
             "(--cold-compile for the full cost)"
         )
-        for source in dict.fromkeys(rec.peak_flops_source for rec in records):
+        for source in dict.fromkeys(rec.peak_flops_source for rec in measured):
             lines.append(f"peak: {source}")
-        for source in dict.fromkeys(rec.memory_source for rec in records):
+        for source in dict.fromkeys(rec.memory_source for rec in measured):
             lines.append(f"memory: {source}")
         lines.append(
             "layer act mem: memory a forward of the embedding and layers leaves allocated "
             "for backward (what checkpointing trades), measured like peak mem"
         )
+        for rec in measured:
+            if rec.float8_summary:
+                lines.append(f"float8 ({rec.config}): {rec.float8_summary}")
+    skipped = [rec for rec in records if isinstance(rec, SkippedRecord)]
+    if skipped and not measured:
+        lines.append("")
+    for rec in skipped:
+        lines.append(f"{rec.status}: {rec.config}: {rec.reason}")
+    lines.extend(notes)
     return "\n".join(lines)
+
+
+def format_table(records: list[Record], notes: list[str] | tuple[str, ...] = ()) -> str:
+    """Renders the records as one table plus footnotes naming the peak and memory sources.
+
+    Args:
+        records: One record per config, all from the same run.
+        notes: Extra footnotes.
+
+    Returns:
+        The text to print (the same text a streamed run prints piece by piece).
+    """
+    lines = [table_header(), *(table_row(rec) for rec in records)]
+    footer = table_footer(records, notes)
+    return "\n".join(lines) + ("\n" + footer if footer else "")

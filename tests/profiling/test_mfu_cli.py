@@ -175,7 +175,7 @@ def test_cuda_device_without_cuda_is_an_error(capsys, monkeypatch):
 
 
 def test_out_of_memory_is_one_line_with_the_way_out(capsys, monkeypatch):
-    def run_out_of_memory(args):
+    def run_out_of_memory(args, output=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(mfu, "run", run_out_of_memory)
@@ -243,3 +243,71 @@ def test_parallel_flags_without_torchrun_are_an_error(capsys, monkeypatch):
     assert mfu.main(["--model", "tiny", "--pp", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "need torchrun: torchrun --nproc-per-node 2" in err
+
+
+def test_out_of_memory_in_one_config_is_a_row_and_the_rest_still_run(tmp_path, capsys, monkeypatch):
+    real_trainer = mfu.SingleProcessTrainer
+
+    def trainer(spec, config):
+        if config.name == "compile":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_trainer(spec, config)
+
+    monkeypatch.setattr(mfu, "SingleProcessTrainer", trainer)
+    out = tmp_path / "records.json"
+    argv = ["--model=tiny", "--batch-size=1", "--seq-len=8", "--steps=1", "--dtype=float32"]
+    argv += ["--device=cpu", "--peak-tflops=1", f"--json={out}", "--config", "compile", "eager"]
+    assert mfu.main(argv) == 1  # the table is complete, but a config did not run
+    stdout = capsys.readouterr().out
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[1].split("|")[1:3] == [f" {'compile':<26} ", f" {'out of memory':<10} "]
+    assert rows[2].startswith("| eager ") and "MiB" in rows[2]
+    assert "out of memory: compile: CUDA out of memory. Tried to allocate 20.00 GiB" in stdout
+    statuses = [(r["config"], r["status"]) for r in json.loads(out.read_text())]
+    assert statuses == [("compile", "out of memory"), ("eager", "ok")]
+
+
+def test_cuda_device_index_becomes_the_current_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert mfu._device("cuda:1") == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)]
+    with pytest.raises(ValueError, match="cuda:2: this machine has 2 CUDA device"):
+        mfu._device("cuda:2")
+    # Under torchrun the default is the local rank's GPU.
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert mfu._device(None) == torch.device("cuda", 1)
+    assert chosen[-1] == torch.device("cuda", 1)
+
+
+def test_gpu_defaults_are_a_real_shape_and_said_so(capsys):
+    args = mfu.build_parser().parse_args(["--seq-len", "2048"])
+    mfu._fill_defaults(args, torch.device("cuda", 0))
+    assert (args.model, args.batch_size, args.seq_len) == ("qwen3-1.7b", 1, 2048)
+    err = capsys.readouterr().err
+    assert "--model qwen3-1.7b, --batch-size 1 (pass them to change)" in err
+    args = mfu.build_parser().parse_args([])
+    mfu._fill_defaults(args, torch.device("cpu"))
+    assert (args.model, args.batch_size, args.seq_len) == ("cpu-small", 2, 256)
+    assert capsys.readouterr().err == ""
+
+
+def test_importing_the_harness_does_not_load_torchao():
+    # torchao prints "Failed to load ... .so" lines where its extensions do not match
+    # torch: it must be imported only when a float8 config is about to run.
+    code = (
+        "import sys; sys.path.insert(0, 'profiling'); import mfu, d9d, d9d.profiling.distributed\n"
+        "from d9d.compile import load_compile_config\n"
+        "from d9d.profiling.support import unsupported_reason\n"
+        "import torch\n"
+        "config = load_compile_config('compile_sac')\n"
+        "assert unsupported_reason(config, torch.device('cpu')) is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torchao')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

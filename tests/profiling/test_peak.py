@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from d9d.profiling import peak as peak_module
 from d9d.profiling.peak import (
     ACCELERATOR_PEAKS,
     UnknownAcceleratorError,
+    faster_dtype_note,
     lookup_accelerator_peak,
     measure_cpu_matmul_peak,
     resolve_peak_flops,
@@ -86,3 +88,77 @@ def test_cpu_peak_is_measured_in_the_run_dtype():
     peak = resolve_peak_flops(torch.device("cpu"), torch.bfloat16)
     assert peak.measured and peak.dtype == "bfloat16"
     assert peak.source.startswith("measured on this CPU: best bfloat16")
+
+
+@pytest.mark.parametrize(
+    ("device_name", "num_sms", "tflops", "label"),
+    [
+        # H100 SXM: 132 SMs; a 1g.10gb slice has 16, a 3g.40gb slice 60, 7g.80gb 132.
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 16, 989.4 * 16 / 132, "MIG 1g.10gb: 16/132 SMs"),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 60, 989.4 * 60 / 132, "MIG 3g.40gb: 60/132 SMs"),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", 14, 312.0 * 14 / 108, "MIG 1g.5gb: 14/108 SMs"),
+        ("NVIDIA H200 MIG 2g.35gb", 32, 989.4 * 32 / 132, "MIG 2g.35gb: 32/132 SMs"),
+    ],
+)
+def test_mig_slice_gets_its_share_of_the_sms(device_name, num_sms, tflops, label):
+    peak = lookup_accelerator_peak(device_name, torch.bfloat16, num_sms=num_sms)
+    assert peak.flops_per_second == pytest.approx(tflops * 1e12)
+    assert label in peak.source and "scaled by SM count" in peak.source
+
+
+def test_whole_gpu_with_all_its_sms_is_not_scaled():
+    peak = lookup_accelerator_peak("NVIDIA H100 80GB HBM3", torch.bfloat16, num_sms=132)
+    assert peak.flops_per_second == pytest.approx(989.4e12)
+    assert "scaled" not in peak.source
+
+
+def test_mig_slice_without_its_sm_count_asks_for_peak_tflops():
+    with pytest.raises(UnknownAcceleratorError, match=r"MIG slice \(1g.10gb\).*--peak-tflops"):
+        lookup_accelerator_peak("NVIDIA H100 80GB HBM3 MIG 1g.10gb", torch.bfloat16)
+
+
+def test_resolve_reads_the_sm_count_of_the_cuda_device(monkeypatch):
+    class _Properties:
+        multi_processor_count = 16
+
+    monkeypatch.setattr(
+        torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: _Properties())
+    peak = resolve_peak_flops(torch.device("cuda", 0), torch.bfloat16)
+    # 989 TFLOP/s would understate this slice's MFU about 8x.
+    assert peak.flops_per_second == pytest.approx(989.4e12 * 16 / 132)
+
+
+@pytest.mark.parametrize(
+    ("run_dtype", "bf16_gflops", "fp32_gflops", "expected"),
+    [
+        # Measured on one of this project's machines (AVX-512 bf16, no AMX).
+        (torch.bfloat16, 159.0, 317.0, "--dtype float32 would likely train faster"),
+        (torch.float32, 159.0, 317.0, None),
+        (torch.float32, 900.0, 317.0, "--dtype bfloat16 would likely train faster"),
+        (torch.bfloat16, 300.0, 317.0, None),  # within the margin: no note
+    ],
+)
+def test_note_when_the_other_dtype_multiplies_faster_on_this_cpu(
+    monkeypatch, run_dtype, bf16_gflops, fp32_gflops, expected
+):
+    measured = {torch.bfloat16: bf16_gflops * 1e9, torch.float32: fp32_gflops * 1e9}
+    monkeypatch.setattr(peak_module, "measure_cpu_matmul_peak", lambda dtype: measured[dtype])
+    note = faster_dtype_note(torch.device("cpu"), run_dtype)
+    if expected is None:
+        assert note is None
+    else:
+        assert expected in note
+        assert f"{max(measured.values()) / min(measured.values()):.1f}x" in note
+    assert faster_dtype_note(torch.device("cuda"), run_dtype) is None
+
+
+def test_cpu_peak_measurement_stops_before_sizes_past_its_time_budget():
+    from d9d.profiling.peak import largest_measured_size
+
+    sizes = (64, 96, 4096)  # a 4096^3 matmul does not fit a zero budget
+    flops = measure_cpu_matmul_peak(torch.float64, sizes=sizes, repeats=1, budget_seconds=0.0)
+    assert flops > 0
+    assert largest_measured_size(torch.float64, sizes) == 64
+    assert largest_measured_size(torch.float16, sizes) is None

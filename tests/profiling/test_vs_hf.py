@@ -14,13 +14,14 @@ def test_vs_hf_reports_every_contender_with_consistent_ratios(tmp_path):
         [
             sys.executable,
             str(SCRIPT),
-            "--layers=1",
-            "--hidden=32",
-            "--intermediate=64",
-            "--heads=2",
-            "--kv-heads=1",
+            "--num-layers=1",
+            "--hidden-size=32",
+            "--intermediate-size=64",
+            "--num-heads=2",
+            "--num-kv-heads=1",
             "--head-dim=16",
-            "--vocab=64",
+            "--vocab-size=64",
+            "--device=cpu",
             "--seq-len=8",
             "--steps=2",
             "--warmup=1",
@@ -41,6 +42,7 @@ def test_vs_hf_reports_every_contender_with_consistent_ratios(tmp_path):
         assert abs(record["tokens_per_second"] * record["step_seconds_median"] - 16) < 1e-6
         assert abs(record["speedup_vs_hf_eager"] - base / record["step_seconds_median"]) < 1e-9
     assert "d9d eager" in proc.stdout and "vs HF eager" in proc.stdout
+    assert "dtype=bfloat16, cpu," in proc.stdout
 
 
 def test_vs_hf_rejects_unknown_preset():

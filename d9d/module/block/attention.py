@@ -1,11 +1,15 @@
 """Grouped-query self-attention with per-head q/k RMSNorm (Qwen3 style)."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from d9d.module.block.norm import RMSNorm
 from d9d.module.block.rope import apply_rotary_pos_emb
+from d9d.module.block.sdpa_kernels import grouped_query_sdpa
 
 
 class GroupedQueryAttention(nn.Module):
@@ -13,7 +17,9 @@ class GroupedQueryAttention(nn.Module):
 
     Query head ``h`` reads KV head ``h // (num_attention_heads // num_key_value_heads)``.
     Each query and key head is RMS-normalised (one weight of size ``head_dim`` shared by
-    the heads) before RoPE. Only the causal mask applies: right padding is harmless.
+    the heads) before RoPE. Without ``attention_mask`` only the causal mask applies (right
+    padding is then harmless); packed rows pass the document mask built once per stage
+    forward by ``d9d.module.block.document_mask``.
 
     Args:
         hidden_size: Model width.
@@ -43,9 +49,20 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
-        """Attends causally over ``hidden_states`` ``(B, S, hidden)``."""
+        """Attends causally over ``hidden_states`` ``(B, S, hidden)``.
+
+        Args:
+            hidden_states: ``(B, S, hidden)``.
+            position_embeddings: RoPE ``(cos, sin)``, each ``(B, S, head_dim)``.
+            attention_mask: ``None`` for plain causal attention; a boolean
+                ``(B, 1, S, S)`` mask (True = attend, causality included) for SDPA; or a
+                FlexAttention ``BlockMask``.
+        """
         batch, seq, _ = hidden_states.shape
         cos, sin = position_embeddings
         q = self.q_norm(self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim))
@@ -53,14 +70,17 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         q = apply_rotary_pos_emb(q.transpose(1, 2), cos, sin)
         k = apply_rotary_pos_emb(k.transpose(1, 2), cos, sin)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_attention_heads != self.num_key_value_heads,
-        )
+        v = v.transpose(1, 2)
+        scale = self.head_dim**-0.5
+        if attention_mask is None:
+            out = grouped_query_sdpa(q, k, v, scale=scale)
+        elif isinstance(attention_mask, BlockMask):
+            enable_gqa = self.num_attention_heads != self.num_key_value_heads
+            out = _flex_attention(q, k, v, attention_mask, scale, enable_gqa)
+        else:
+            out = grouped_query_sdpa(
+                q, k, v, scale=scale, is_causal=False, attn_mask=attention_mask
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def reset_parameters(self) -> None:
@@ -74,3 +94,36 @@ class GroupedQueryAttention(nn.Module):
             self.k_norm,
         ):
             module.reset_parameters()
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Outside a compiled region, flex_attention falls back to a dense reference
+    # implementation; compiled, it is the block-sparse fused kernel. dynamic=False: one
+    # kernel per shape, and a new document layout of that shape is only new data.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    seq = q.shape[-2]
+    # The document block mask covers the sequence padded to whole blocks (see
+    # d9d.module.block.document_mask.flex_document_block_mask); padded keys belong to no
+    # real document, so real queries never see them.
+    pad = block_mask.seq_lengths[0] - seq
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    if torch.compiler.is_compiling():
+        # Inside a compiled layer the call is traced into the layer's graph.
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    else:
+        out = _compiled_flex_attention()(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
+        )
+    return out[..., :seq, :] if pad else out

@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from d9d.module.block.attention import GroupedQueryAttention
 from d9d.module.block.norm import RMSNorm
@@ -37,19 +38,24 @@ class Qwen3DenseLayer(nn.Module):
         self.mlp = SwiGLU(params.hidden_size, params.intermediate_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         """Performs the forward pass of the dense layer.
 
         Args:
             hidden_states: Input tensor of shape (batch, seq_len, hidden_dim).
             position_embeddings: Tuple containing RoPE precomputed embeddings (cos, sin).
+            attention_mask: Document mask of packed rows (built once per stage forward and
+                shared by all layers), or ``None`` for plain causal attention.
 
         Returns:
             Output tensor after attention and MLP blocks, shape (batch, seq_len, hidden_dim).
         """
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 

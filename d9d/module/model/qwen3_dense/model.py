@@ -2,9 +2,15 @@
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from d9d.core.checks import value_checks_enabled
+from d9d.module.block.document_mask import (
+    AttentionBackend,
+    build_document_mask,
+    resolve_attention_backend,
+)
 from d9d.module.block.embedding import SplitTokenEmbeddings
 from d9d.module.block.head import ClassificationHead, SplitLanguageModellingHead
 from d9d.module.block.hidden_states_aggregator import (
@@ -12,6 +18,7 @@ from d9d.module.block.hidden_states_aggregator import (
     create_hidden_states_aggregator,
 )
 from d9d.module.block.norm import RMSNorm
+from d9d.module.block.position_ids import any_packed_row, check_position_ids
 from d9d.module.block.rope import RotaryEmbeddingProvider
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
 from d9d.module.model.qwen3_dense.params import (
@@ -52,6 +59,7 @@ class Qwen3DenseModel(nn.Module):
         self.stage = stage
         self.hidden_states_snapshot_mode = HiddenStatesAggregationMode(hidden_states_snapshot_mode)
         self.enable_checkpointing = enable_checkpointing
+        self.attention_backend = AttentionBackend.auto
         layer_params = params.layer
         start, end = distribute_layers_for_pipeline_stage(
             params.num_hidden_layers,
@@ -90,7 +98,9 @@ class Qwen3DenseModel(nn.Module):
             hidden_states: Hidden states from the previous pipeline stage. Required if this
                 is not the first pipeline stage.
             position_ids: Indices of positions of each input sequence tokens in the position
-                embeddings.
+                embeddings. A row may pack several documents: one starts at every token
+                whose position is not the previous token's + 1, and attends only to its
+                own document (see ``set_attention_backend``).
             hidden_states_snapshot: Accumulated tensor of aggregated hidden states from
                 previous stages. Used if snapshotting is enabled.
             hidden_states_agg_mask: Mask used to aggregate hidden states for snapshots.
@@ -117,14 +127,16 @@ class Qwen3DenseModel(nn.Module):
         else:
             check_batch_shape(hidden_states, "hidden_states", trailing_dims=1)
         batch, seq = hidden_states.shape[:2]
-        position_embeddings = self._position_embeddings(position_ids, batch, seq, hidden_states)
+        position_embeddings, attention_mask = self._position_embeddings(
+            position_ids, batch, seq, hidden_states
+        )
         for layer in self.layers.values():
             if self.enable_checkpointing:
                 hidden_states = checkpoint(
-                    layer, hidden_states, position_embeddings, use_reentrant=False
+                    layer, hidden_states, position_embeddings, attention_mask, use_reentrant=False
                 )
             else:
-                hidden_states = layer(hidden_states, position_embeddings)
+                hidden_states = layer(hidden_states, position_embeddings, attention_mask)
             aggregator.add_hidden_states(hidden_states)
         if self.stage.is_current_stage_last:
             hidden_states = self.norm(hidden_states)
@@ -135,31 +147,44 @@ class Qwen3DenseModel(nn.Module):
 
     def _position_embeddings(
         self, position_ids: torch.Tensor | None, batch: int, seq: int, like: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | BlockMask | None]:
+        """RoPE ``(cos, sin)`` and the document mask shared by every layer of this stage.
+
+        ``position_ids=None`` costs no host sync; given ``position_ids`` cost one host sync
+        (their range, unless the batch was validated once per step, and whether any row
+        packs several documents). Only packed batches get a mask; otherwise the layers
+        run plain causal attention.
+        """
         max_pos = self.params.max_position_ids
+        attention_mask = None
         if position_ids is None:
             if seq > max_pos:
                 raise ValueError(f"sequence length {seq} exceeds max_position_ids={max_pos}")
             position_ids = torch.arange(seq, device=like.device).unsqueeze(0).expand(batch, seq)
         else:
-            if position_ids.shape != (batch, seq):
-                raise ValueError(
-                    f"position_ids shape {tuple(position_ids.shape)} does not match "
-                    f"(batch, seq) = {(batch, seq)}"
-                )
-            if (
-                value_checks_enabled()
-                and position_ids.device.type != "meta"
-                and position_ids.numel()
-            ):
-                low, high = (int(v) for v in position_ids.aminmax())
-                if low < 0 or high >= max_pos:
-                    raise ValueError(
-                        f"position_ids must lie in [0, {max_pos}) (max_position_ids), "
-                        f"got values in [{low}, {high}]"
-                    )
+            # Inside inputs_prevalidated() the batch's values were checked once per step;
+            # whether a row is packed still takes one small sync per stage forward.
+            packed = check_position_ids(
+                position_ids, batch, seq, max_pos, check_values=value_checks_enabled()
+            )
+            if packed is None:
+                packed = any_packed_row(position_ids)
+            if packed:
+                attention_mask = build_document_mask(position_ids, self.attention_backend)
         cos, sin = self.rotary_emb(position_ids)
-        return cos.to(like.dtype), sin.to(like.dtype)
+        return (cos.to(like.dtype), sin.to(like.dtype)), attention_mask
+
+    def set_attention_backend(self, backend: AttentionBackend | str) -> None:
+        """Chooses the kernel for packed rows: ``"auto"``, ``"sdpa"`` or ``"flex"``.
+
+        ``auto`` picks FlexAttention on CUDA and SDPA with a boolean mask elsewhere.
+        Unpacked rows always run plain causal SDPA.
+
+        Raises:
+            ValueError: If ``backend`` is not one of the three.
+        """
+        resolve_attention_backend(backend, torch.device("cpu"))  # validates the name
+        self.attention_backend = AttentionBackend(backend)
 
     def output_dtype(self) -> torch.dtype:
         """Returns the data type of the model output hidden states."""
@@ -284,6 +309,10 @@ class _Qwen3DenseWithHead(nn.Module):
         self.model = Qwen3DenseModel(
             backbone_params, stage, hidden_states_snapshot_mode, enable_checkpointing
         )
+
+    def set_attention_backend(self, backend: AttentionBackend | str) -> None:
+        """Chooses the kernel for packed rows (see ``Qwen3DenseModel.set_attention_backend``)."""
+        self.model.set_attention_backend(backend)
 
     def reset_parameters(self) -> None:
         """Resets module parameters."""

@@ -1,0 +1,10 @@
+"""The training loop's pieces, each usable alone, and ``python -m d9d.train``.
+
+* ``d9d.train.config``: the validated TOML config (``load_train_config``);
+* ``d9d.train.lr``: warmup + cosine / linear / warmup-stable-decay schedules;
+* ``d9d.train.tokenizers``: the built-in byte-level tokenizer and HF ``tokenizer.json``;
+* ``d9d.train.data``: token files, cached text tokenization, packed resumable batches;
+* ``d9d.train.grad_norm``: gradient clipping over FSDP shards and pipeline ranks;
+* ``d9d.train.checkpoint``: atomic, resumable training checkpoints;
+* ``d9d.train.loop``: the loop that puts them together.
+"""

@@ -1,0 +1,63 @@
+"""``python -m d9d.train [--config FILE.toml] [--set key=value ...] [--plot]``.
+
+Without a config it trains a small byte-level model on the CPU on the Python standard
+library's own sources. Under ``torchrun`` the same command runs any supported layout.
+"""
+
+import argparse
+import sys
+
+from d9d.train.config import load_train_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m d9d.train", description="Train a Qwen3 Dense causal LM."
+    )
+    parser.add_argument("--config", help="training config (TOML); defaults: the built-in run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted, e.g. parallel.pipeline_parallel=2); repeatable",
+    )
+    parser.add_argument(
+        "--plot", action="store_true", help="write loss/LR/grad-norm curves to a PNG at the end"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        config = load_train_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.plot:
+        # Fail before training, not after it.
+        from d9d.train.plot import require_matplotlib
+
+        require_matplotlib()
+    from d9d.train.loop import Trainer
+
+    try:
+        trainer = Trainer(config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    trainer.run()
+    if config.checkpoint.export_hf:
+        trainer.export_hf()
+    if args.plot and trainer.is_main:
+        from d9d.train.plot import plot_metrics
+
+        print(f"wrote {plot_metrics(trainer.output_dir)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

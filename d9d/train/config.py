@@ -1,0 +1,314 @@
+"""The training configuration: one validated TOML file plus ``--set key=value`` overrides.
+
+Every section rejects unknown keys; :func:`load_train_config` names the file and the dotted
+key of every error. With no file at all, the defaults describe the built-in run: a small
+byte-level model trained on the CPU on the Python standard library's own sources.
+"""
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """``[model]``: which Qwen3 Dense shape to train and where its weights start.
+
+    Attributes:
+        preset: A name of ``d9d.profiling.model_presets`` (ignored with ``init`` an HF
+            folder: the folder's ``config.json`` decides the shape).
+        init: ``"scratch"`` (the model's own initialisation) or the path of an HF Qwen3
+            checkpoint folder to start from.
+        vocab_size: Overrides the preset's vocabulary; ``None`` keeps the preset's, except
+            with the byte-level tokenizer, where the vocabulary becomes the tokenizer's
+            rounded up to a multiple of 64.
+        num_hidden_layers: Overrides the preset's depth.
+        hidden_size: Overrides the preset's width.
+        intermediate_size: Overrides the preset's MLP width.
+        num_attention_heads: Overrides the preset's query heads.
+        num_key_value_heads: Overrides the preset's key/value heads.
+        head_dim: Overrides the preset's head size.
+    """
+
+    preset: str = "tiny"
+    init: str = "scratch"
+    vocab_size: int | None = Field(default=None, ge=1)
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    hidden_size: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=1)
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    num_key_value_heads: int | None = Field(default=None, ge=1)
+    head_dim: int | None = Field(default=None, ge=1)
+
+
+class DataSection(_Section):
+    """``[data]``: documents, tokenizer, packing and batch shape.
+
+    Attributes:
+        source: ``"stdlib"`` (the Python standard library's ``.py`` files and pydoc
+            topics, present on every machine with Python), ``"tokens"`` (token files,
+            ``.npy`` or raw ``.bin``) or ``"text"`` (``.txt``, ``.jsonl`` or ``.parquet``
+            files, tokenized once and cached as token files).
+        paths: Files (or folders, searched recursively for the source's suffixes).
+        tokenizer: ``"byte"`` (256 bytes plus specials) or the path of an HF
+            ``tokenizer.json`` (or of the folder holding it).
+        eos_id: The id separating documents in token files (``None``: the tokenizer's).
+        token_dtype: Dtype of raw ``.bin`` token files.
+        text_key: The JSONL field / Parquet column holding the text.
+        cache_dir: Where tokenized text is cached (``None``: ``<output_dir>/token_cache``).
+        seq_len: Tokens per packed row fed to the model.
+        global_batch_size: Rows per optimizer step, over all data-parallel ranks.
+        max_documents: Use at most this many documents (``None``: all).
+    """
+
+    source: Literal["stdlib", "tokens", "text"] = "stdlib"
+    paths: tuple[str, ...] = ()
+    tokenizer: str = "byte"
+    eos_id: int | None = Field(default=None, ge=0)
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    text_key: str = "text"
+    cache_dir: str | None = None
+    seq_len: int = Field(default=128, ge=1)
+    global_batch_size: int = Field(default=16, ge=1)
+    max_documents: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _paths_for_files(self) -> "DataSection":
+        if self.source != "stdlib" and not self.paths:
+            raise ValueError(f"source {self.source!r} needs 'paths'")
+        return self
+
+
+class OptimizerSection(_Section):
+    """``[optimizer]``: AdamW.
+
+    Attributes:
+        lr: Peak learning rate.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: Decoupled weight decay.
+    """
+
+    lr: float = Field(default=3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+
+
+class LrSection(_Section):
+    """``[lr]``: the learning-rate schedule (see ``d9d.train.lr``).
+
+    Attributes:
+        schedule: Shape after warmup: ``"cosine"``, ``"linear"``, ``"wsd"``
+            (warmup-stable-decay) or ``"constant"``.
+        warmup_steps: Linear warmup from ``lr / warmup_steps`` to ``lr``.
+        min_lr_ratio: The final learning rate as a fraction of the peak.
+        decay_steps: ``"wsd"`` only: length of the final decay (``None``: 20% of the run).
+    """
+
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(default=20, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    decay_steps: int | None = Field(default=None, ge=1)
+
+
+class ParallelSection(_Section):
+    """``[parallel]``: the layout (the product must equal the world size).
+
+    Attributes:
+        pipeline_parallel: Pipeline ranks.
+        data_parallel_shard: FSDP ranks.
+        data_parallel_replicate: HSDP replicas.
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
+        stages_per_rank: Pipeline stages per rank (more than 1 needs interleaved 1F1B).
+        n_microbatches: Microbatches per step (``None``: the number of pipeline stages;
+            1 without pipelining).
+    """
+
+    pipeline_parallel: int = Field(default=1, ge=1)
+    data_parallel_shard: int = Field(default=1, ge=1)
+    data_parallel_replicate: int = Field(default=1, ge=1)
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    stages_per_rank: int = Field(default=1, ge=1)
+    n_microbatches: int | None = Field(default=None, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        """Processes this layout needs."""
+        return self.pipeline_parallel * self.data_parallel_shard * self.data_parallel_replicate
+
+
+class ClipSection(_Section):
+    """``[clip]``: gradient clipping and non-finite gradients.
+
+    Attributes:
+        max_norm: Clip the global L2 norm to this (``None``: measure only).
+        max_consecutive_nonfinite: Stop after this many non-finite norms in a row (each
+            skips its optimizer step).
+    """
+
+    max_norm: float | None = Field(default=1.0, gt=0)
+    max_consecutive_nonfinite: int = Field(default=3, ge=1)
+
+
+class CheckpointSection(_Section):
+    """``[checkpoint]``: saving, keeping and resuming.
+
+    Attributes:
+        folder: Where checkpoints go (``None``: ``<output_dir>/checkpoints``).
+        interval: Save every this many steps (0: only at the end).
+        keep_last: Keep this many complete checkpoints (older ones are deleted).
+        save_final: Save after the last step.
+        resume: Resume from the latest complete checkpoint in ``folder`` if there is one.
+        resume_from: Resume from this checkpoint folder instead of the latest.
+        export_hf: At the end, write an HF folder to ``<output_dir>/hf`` (needs the
+            ``safetensors`` package, checked before the first step).
+        kill_after_save: Testing aid: SIGKILL this process right after the checkpoint of
+            this step is complete (simulates a crash).
+    """
+
+    folder: str | None = None
+    interval: int = Field(default=0, ge=0)
+    keep_last: int = Field(default=2, ge=1)
+    save_final: bool = True
+    resume: bool = True
+    resume_from: str | None = None
+    export_hf: bool = True
+    kill_after_save: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(_Section):
+    """A whole training run.
+
+    Attributes:
+        steps: Optimizer steps.
+        seed: Seeds the model initialisation, the data order and every RNG.
+        output_dir: Metrics (``metrics.jsonl``), checkpoints, plots and exports.
+        compile_preset: A preset of ``compile_configs/`` (or a TOML path).
+        mixed_precision: ``"bf16"``: fp32 parameters and optimizer state, bf16 compute,
+            fp32 gradient reduction; ``"fp32"``: everything fp32; ``"pure_bf16"``: bf16
+            parameters, optimizer state and gradients (cheaper, less accurate).
+        log_interval: Print and record every this many steps.
+        num_threads: CPU threads per process (``None``: torch's default).
+        peak_tflops: Peak TFLOP/s per device for MFU (``None``: the datasheet value of a
+            known accelerator, or a measured GEMM peak on the CPU).
+        model: See :class:`ModelSection`.
+        data: See :class:`DataSection`.
+        optimizer: See :class:`OptimizerSection`.
+        lr: See :class:`LrSection`.
+        parallel: See :class:`ParallelSection`.
+        clip: See :class:`ClipSection`.
+        checkpoint: See :class:`CheckpointSection`.
+    """
+
+    steps: int = Field(default=300, ge=1)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    compile_preset: str = "eager"
+    mixed_precision: Literal["bf16", "fp32", "pure_bf16"] = "fp32"
+    log_interval: int = Field(default=1, ge=1)
+    num_threads: int | None = Field(default=None, ge=1)
+    peak_tflops: float | None = Field(default=None, gt=0)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    lr: LrSection = Field(default_factory=LrSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    clip: ClipSection = Field(default_factory=ClipSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        """The checkpoint folder (``checkpoint.folder`` or ``<output_dir>/checkpoints``)."""
+        return Path(self.checkpoint.folder or Path(self.output_dir) / "checkpoints")
+
+
+def _parse_value(text: str) -> Any:
+    # A TOML value when it parses as one (numbers, booleans, arrays, quoted strings),
+    # otherwise the bare text as a string: `--set data.tokenizer=byte` needs no quotes.
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``key=value`` overrides (dotted keys) to a raw config dict.
+
+    Args:
+        data: The raw TOML dict (not modified).
+        overrides: Items like ``"steps=10"``, ``"parallel.pipeline_parallel=2"``,
+            ``"data.paths=['a.npy']"``.
+
+    Returns:
+        A new dict with the overrides applied.
+
+    Raises:
+        ValueError: For an item without ``=`` or a key that descends into a non-table.
+    """
+    result = _deep_copy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = _parse_value(text.strip())
+    return result
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Reads, overrides and validates a training config.
+
+    Args:
+        path: A TOML file, or ``None`` for the built-in defaults.
+        overrides: ``key=value`` items applied on top (see :func:`apply_overrides`).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: If the file is missing or not valid TOML, or a key is unknown or has a
+            bad value (the message names the file, or ``--set``, and the dotted key).
+    """
+    source = "<defaults>"
+    data: dict = {}
+    if path is not None:
+        source = str(path)
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"training config file {path} does not exist")
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from err
+    if overrides:
+        source = f"{source} with --set {' '.join(overrides)}"
+        data = apply_overrides(data, list(overrides))
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "<root>"
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"key '{key}': {error['msg']}")
+        raise ValueError(f"{source}: invalid training config: " + "; ".join(problems)) from err

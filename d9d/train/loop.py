@@ -1,0 +1,548 @@
+"""The training loop: the pieces of ``d9d.train`` put together for ``python -m d9d.train``.
+
+``Trainer(config)`` validates everything it can before the first step (files, vocabulary,
+batch shape, layout, checkpoint), builds this rank's pipeline stages with the training
+stack's builder, and resumes from the latest complete checkpoint. ``Trainer.run()`` then
+steps: data -> forward/backward (a pipeline schedule when ``pipeline_parallel > 1``) ->
+clipping by the global norm -> AdamW (skipped on a non-finite norm) -> LR schedule ->
+one log line and one JSON line in ``<output_dir>/metrics.jsonl`` -> checkpoint (its save
+time goes to ``<output_dir>/checkpoints.jsonl``).
+"""
+
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from d9d.compile import load_compile_config
+from d9d.core.checks import inputs_prevalidated
+from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
+from d9d.module.model.qwen3_dense import (
+    Qwen3DenseForCausalLM,
+    Qwen3DenseForCausalLMParameters,
+)
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.profiling.flops import training_flops_per_token
+from d9d.profiling.model_presets import get_model_preset
+from d9d.profiling.peak import resolve_peak_flops
+from d9d.stack import build_stage_modules
+from d9d.train.checkpoint import CheckpointManager
+from d9d.train.config import TrainConfig
+from d9d.train.data import (
+    DocumentCorpus,
+    PackedBatches,
+    open_token_file,
+    tokenize_stdlib,
+    tokenize_text_files,
+)
+from d9d.train.grad_norm import clip_grad_norm_
+from d9d.train.lr import build_lr_scheduler
+from d9d.train.mixed_precision import apply_mixed_precision
+from d9d.train.tokenizers import load_tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+
+
+@dataclass
+class StepMetrics:
+    """What one step reports (one log line, one JSON line).
+
+    Attributes:
+        step: Optimizer steps done, this one included.
+        loss: Global mean loss of the step.
+        grad_norm: Global gradient norm before clipping.
+        lr: Learning rate the step used.
+        tokens_per_second: Global tokens (all slots) per second.
+        mfu: Model FLOPs utilisation per device (fraction).
+        memory_bytes: Peak memory (accelerator allocator, or peak RSS on the CPU).
+        step_seconds: Wall time of the step.
+        overhead_seconds: Time of the loop's own work (data, clipping, logging).
+        skipped: The optimizer step was skipped (non-finite norm).
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens_per_second: float
+    mfu: float
+    memory_bytes: int
+    step_seconds: float
+    overhead_seconds: float
+    skipped: bool = False
+
+    def line(self, total_steps: int, memory_label: str) -> str:
+        """The human-readable log line."""
+        skipped = " | SKIPPED (non-finite grad norm)" if self.skipped else ""
+        return (
+            f"step {self.step:>{len(str(total_steps))}}/{total_steps} | loss {self.loss:.4f} | "
+            f"grad_norm {self.grad_norm:.3f} | lr {self.lr:.2e} | "
+            f"{self.tokens_per_second:,.0f} tok/s | MFU {100 * self.mfu:.1f}% | "
+            f"{memory_label} {self.memory_bytes / 2**30:.2f} GiB{skipped}"
+        )
+
+
+def build_dist_context(config: TrainConfig) -> DistributedContext:
+    """The distributed context of the config's layout (a world of one without torchrun).
+
+    Outside ``torchrun`` the context is a world of one, so that FSDP2 mixed precision and
+    DCP run exactly as they do under ``torchrun``.
+
+    Raises:
+        ValueError: If the layout's process count is not the world size.
+    """
+    parallel = config.parallel
+    if dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel.world_size != world:
+        raise ValueError(
+            f"[parallel] describes {parallel.world_size} processes (pipeline_parallel="
+            f"{parallel.pipeline_parallel} x data_parallel_shard={parallel.data_parallel_shard}"
+            f" x data_parallel_replicate={parallel.data_parallel_replicate}), but "
+            f"{world} were started; run it with torchrun --nproc-per-node "
+            f"{parallel.world_size} -m d9d.train ..."
+        )
+    return DeviceMeshParameters(
+        pipeline_parallel=parallel.pipeline_parallel,
+        data_parallel_shard=parallel.data_parallel_shard,
+        data_parallel_replicate=parallel.data_parallel_replicate,
+    ).build()
+
+
+def model_params_for(config: TrainConfig, tokenizer_vocab: int) -> Qwen3DenseForCausalLMParameters:
+    """The model's parameters: the HF folder's, or the preset with the config's overrides.
+
+    Raises:
+        ValueError: If the tokenizer's vocabulary does not fit the model's, or the
+            sequence is longer than the model's positions.
+    """
+    model = config.model
+    if model.init != "scratch":
+        from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
+
+        if not Path(model.init, "config.json").is_file():
+            raise ValueError(f"model.init: no HF checkpoint folder (config.json) at {model.init}")
+        params = causal_lm_params_from_hf_config(model.init)
+    else:
+        preset = get_model_preset(model.preset)
+        shape = {k: v for k, v in asdict(preset).items() if k != "description"}
+        for key in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+        ):
+            value = getattr(model, key)
+            if value is not None:
+                shape[key] = value
+        if model.vocab_size is None and config.data.tokenizer == "byte":
+            # Byte-level: no point in the preset's 32k rows; a multiple of 64 keeps the
+            # head's matmul aligned.
+            shape["vocab_size"] = -(-tokenizer_vocab // 64) * 64
+        shape["max_position_ids"] = max(shape["max_position_ids"], config.data.seq_len)
+        params = type(preset)(description="", **shape).parameters()
+    vocab = params.model.vocab_size
+    if tokenizer_vocab > vocab:
+        raise ValueError(
+            f"the tokenizer's vocabulary ({tokenizer_vocab} ids) is larger than the model's "
+            f"({vocab}): set model.vocab_size >= {tokenizer_vocab} or use another tokenizer"
+        )
+    if config.data.seq_len > params.model.max_position_ids:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} exceeds the model's max_position_ids="
+            f"{params.model.max_position_ids}"
+        )
+    return params
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """One rank's share of a training run, ready to step."""
+
+    def __init__(self, config: TrainConfig, *, log=_log):
+        """Validates the config against the data and model, builds everything, resumes.
+
+        Args:
+            config: The run.
+            log: Receives status lines (rank 0 only).
+
+        Raises:
+            ValueError: For bad input found before the first step (missing files, a
+                corpus smaller than one batch, a vocabulary larger than the model's, an
+                incompatible checkpoint, a layout that does not fit).
+        """
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.ctx = build_dist_context(config)
+        self.is_main = self.ctx.rank == 0
+        self._log = log if self.is_main else (lambda _m: None)
+        if config.checkpoint.export_hf:
+            try:
+                import safetensors  # noqa: F401
+            except ImportError as err:
+                raise ValueError(
+                    "checkpoint.export_hf needs the 'safetensors' package (pip install "
+                    "'d9d[hf]'), or set checkpoint.export_hf=false"
+                ) from err
+        self.output_dir = Path(config.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        self.tokenizer = tokenizer
+        corpus = self._corpus(tokenizer)
+        self.params = model_params_for(config, tokenizer.vocab_size)
+        vocab = self.params.model.vocab_size
+        top = corpus.max_token_id()
+        if top >= vocab:
+            raise ValueError(
+                f"the data holds token id {top}, outside the model's vocabulary of {vocab}"
+            )
+        parallel = config.parallel
+        self.n_microbatches = parallel.n_microbatches or (
+            parallel.pipeline_parallel * parallel.stages_per_rank
+        )
+        local_batch = config.data.global_batch_size // max(1, self.ctx.dp_size)
+        if local_batch * self.ctx.dp_size != config.data.global_batch_size:
+            raise ValueError(
+                f"data.global_batch_size={config.data.global_batch_size} does not split over "
+                f"{self.ctx.dp_size} data-parallel ranks"
+            )
+        if local_batch % self.n_microbatches:
+            raise ValueError(
+                f"the per-rank batch of {local_batch} rows does not split into "
+                f"{self.n_microbatches} microbatches (parallel.n_microbatches)"
+            )
+        self.data = PackedBatches(
+            corpus,
+            config.data.seq_len,
+            config.data.global_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size,
+            seed=config.seed,
+            pad_id=tokenizer.pad_id,
+        )
+        self._log(
+            f"data: {len(corpus)} documents, {corpus.num_tokens:,} tokens -> "
+            f"{len(self.data.plan)} rows of {config.data.seq_len + 1} "
+            f"({self.data.batches_per_epoch} batches per epoch)"
+        )
+
+        compile_config, param_dtype = apply_mixed_precision(
+            load_compile_config(config.compile_preset), config.mixed_precision
+        )
+        self.compile_config = compile_config
+        init = "reset" if config.model.init == "scratch" else config.model.init
+        self.stages = build_stage_modules(
+            self.params,
+            compile_config,
+            self.ctx,
+            num_stages_per_rank=parallel.stages_per_rank,
+            param_dtype=param_dtype,
+            init=init,
+            seed=config.seed,
+        )
+        self.modules = list(self.stages.modules)
+        opt = config.optimizer
+        # One optimizer (and scheduler) per stage module: the checkpoint then maps each
+        # module's flattened optimizer state by its parameters' names.
+        self.optimizers = [
+            torch.optim.AdamW(
+                module.parameters(),
+                lr=opt.lr,
+                betas=opt.betas,
+                eps=opt.eps,
+                weight_decay=opt.weight_decay,
+            )
+            for module in self.modules
+        ]
+        lr = config.lr
+        self.schedulers = [
+            build_lr_scheduler(
+                optimizer,
+                lr.schedule,
+                config.steps,
+                warmup_steps=min(lr.warmup_steps, config.steps),
+                min_lr_ratio=lr.min_lr_ratio,
+                decay_steps=lr.decay_steps,
+            )
+            for optimizer in self.optimizers
+        ]
+        self.schedule = None
+        if parallel.pipeline_parallel > 1:
+            example = {
+                key: torch.zeros(local_batch, config.data.seq_len, dtype=torch.int64)
+                for key in ("input_ids", "labels", "position_ids")
+            }
+            self.schedule = build_pipeline_schedule(
+                self.ctx,
+                self.modules,
+                list(self.stages.infos),
+                example,
+                self.n_microbatches,
+                CausalLMLoss(),
+                kind=parallel.pipeline_schedule,
+            )
+        self.checkpoints = CheckpointManager(
+            config.checkpoint_folder, keep_last=config.checkpoint.keep_last
+        )
+        self.step = 0
+        self._resume()
+
+        flops = training_flops_per_token(self.params, config.data.seq_len).total
+        self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+        self._flops_per_step_per_device = flops * self.tokens_per_step / self.ctx.world_size
+        float8 = compile_config.float8.enabled
+        self.peak = resolve_peak_flops(
+            self.ctx.device,
+            self.stages.compute_dtype,
+            float8=float8,
+            override_tflops=config.peak_tflops,
+        )
+        self._memory_label = "mem" if self.ctx.device.type == "cuda" else "peak RSS"
+        self._log(f"MFU against {self.peak.source}")
+        self._nonfinite_in_a_row = 0
+
+    # -----------------------------------------------------------------------------------
+
+    def _corpus(self, tokenizer) -> DocumentCorpus:
+        data = self.config.data
+        cache = data.cache_dir or str(self.output_dir / "token_cache")
+        if data.source == "tokens":
+            files = [Path(p) for p in data.paths]
+            return DocumentCorpus(
+                [open_token_file(p, data.eos_id, data.token_dtype) for p in files],
+                data.max_documents,
+            )
+        # Rank 0 tokenizes (with progress lines); the others wait and read its cache.
+        path = None
+        if self.is_main:
+            if data.source == "stdlib":
+                path = tokenize_stdlib(tokenizer, cache, progress=self._log)
+            else:
+                path = tokenize_text_files(
+                    data.paths, tokenizer, cache, text_key=data.text_key, progress=self._log
+                )
+        shared = [str(path) if path else None]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is None:
+            raise ValueError("tokenizing the corpus failed on rank 0")
+        return DocumentCorpus([open_token_file(shared[0], None)], data.max_documents)
+
+    def _model_signature(self) -> dict:
+        return self.params.model_dump(mode="json")
+
+    def _resume(self) -> None:
+        ck = self.config.checkpoint
+        path = Path(ck.resume_from) if ck.resume_from else None
+        if path is None and ck.resume:
+            path = self.checkpoints.latest()
+        if path is None:
+            return
+        if not path.is_dir():
+            raise ValueError(f"checkpoint.resume_from: {path} does not exist")
+        state = self.checkpoints.load(
+            path,
+            self.modules,
+            self.optimizers,
+            schedulers=self.schedulers,
+            model_params=self._model_signature(),
+        )
+        self.data.load_state_dict(state.data_state)
+        self.step = state.step
+        self._log(f"resumed from {path} at step {self.step}")
+        if self.is_main:
+            # Steps logged after that checkpoint (by the run that crashed) will run again.
+            metrics = self.output_dir / METRICS_FILE
+            if metrics.is_file():
+                kept = [
+                    line
+                    for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step
+                ]
+                metrics.write_text("".join(f"{line}\n" for line in kept))
+
+    # -----------------------------------------------------------------------------------
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Returns the global mean loss on every rank.
+        device = self.ctx.device
+        if self.schedule is not None:
+            result = self.schedule.step(batch)
+            loss = result.loss if result.loss is not None else torch.zeros((), device=device)
+            loss = loss.detach().float().clone()
+            # Only last-stage ranks see the loss; share it along the pipeline for logging.
+            dist.all_reduce(loss, group=self.ctx.pp_group)
+            return loss
+        (module,) = self.modules
+        count = (batch["labels"] != -100).sum().to(device, torch.float32)
+        dist.all_reduce(count, group=self.ctx.dp_group)
+        count = count.clamp_min(1.0)
+        total = torch.zeros((), device=device)
+        rows = batch["input_ids"].shape[0] // self.n_microbatches
+        for i in range(self.n_microbatches):
+            micro = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
+            # Summed NLL over the global count: FSDP sums gradients over data-parallel
+            # ranks, so this is the single-device gradient of the global mean.
+            loss = module(**micro)["logps"].sum() / count
+            loss.backward()
+            total += loss.detach()
+        dist.all_reduce(total, group=self.ctx.dp_group)
+        return total
+
+    def train_step(self) -> StepMetrics:
+        """Runs one optimizer step; returns its metrics."""
+        started = time.perf_counter()
+        batch = {k: v.to(self.ctx.device) for k, v in self.data.next_batch().items()}
+        data_seconds = time.perf_counter() - started
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        # Every token id and position was checked against the model before the first
+        # step: the stages skip their per-microbatch value checks (host syncs).
+        with inputs_prevalidated():
+            loss = self._forward_backward(batch)
+        clip_started = time.perf_counter()
+        norm = clip_grad_norm_(
+            self.stages.parameters(), self.config.clip.max_norm, pp_group=self.ctx.pp_group
+        )
+        finite = bool(torch.isfinite(norm))
+        clip_seconds = time.perf_counter() - clip_started
+        if finite:
+            self._nonfinite_in_a_row = 0
+            for optimizer in self.optimizers:
+                optimizer.step()
+        else:
+            self._nonfinite_in_a_row += 1
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.step += 1
+        loss_value = loss.item()  # waits for the step on accelerators
+        seconds = time.perf_counter() - started
+        return StepMetrics(
+            step=self.step,
+            loss=loss_value,
+            grad_norm=norm.item(),
+            lr=lr,
+            tokens_per_second=self.tokens_per_step / seconds,
+            mfu=self._flops_per_step_per_device / seconds / self.peak.flops_per_second,
+            memory_bytes=self._memory_bytes(),
+            step_seconds=seconds,
+            overhead_seconds=data_seconds + clip_seconds,
+            skipped=not finite,
+        )
+
+    def _memory_bytes(self) -> int:
+        if self.ctx.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.ctx.device)
+        # Linux reports kilobytes.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _record(self, metrics: StepMetrics) -> None:
+        log_started = time.perf_counter()
+        if self.is_main:
+            self._log(metrics.line(self.config.steps, self._memory_label))
+            with (self.output_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps(asdict(metrics)) + "\n")
+        metrics.overhead_seconds += time.perf_counter() - log_started
+
+    def save_checkpoint(self) -> Path:
+        """Saves a checkpoint of the current step (every rank calls this)."""
+        path = self.checkpoints.save(
+            self.step,
+            self.modules,
+            self.optimizers,
+            scheduler=self.schedulers[0],
+            data_state=self.data.state_dict(),
+            model_params=self._model_signature(),
+            extra={"layout": self.config.parallel.model_dump()},
+        )
+        seconds = self.checkpoints.last_save_seconds
+        self._log(f"saved {path} in {seconds:.2f} s")
+        if self.is_main:
+            with (self.output_dir / CHECKPOINTS_FILE).open("a") as f:
+                f.write(json.dumps({"step": self.step, "path": str(path), "seconds": seconds}))
+                f.write("\n")
+        return path
+
+    def run(self) -> list[StepMetrics]:
+        """Trains until ``config.steps``; returns the metrics of the steps run here.
+
+        Raises:
+            RuntimeError: After ``clip.max_consecutive_nonfinite`` non-finite gradient
+                norms in a row.
+        """
+        config = self.config
+        history = []
+        for module in self.modules:
+            module.train()
+        while self.step < config.steps:
+            metrics = self.train_step()
+            if metrics.skipped:
+                self._log(
+                    f"step {metrics.step}: non-finite gradient norm {metrics.grad_norm}; "
+                    f"optimizer step skipped ({self._nonfinite_in_a_row} in a row)"
+                )
+                if self._nonfinite_in_a_row >= config.clip.max_consecutive_nonfinite:
+                    raise RuntimeError(
+                        f"stopping at step {metrics.step}: {self._nonfinite_in_a_row} "
+                        "non-finite gradient norms in a row (clip.max_consecutive_nonfinite)"
+                    )
+            if metrics.step % config.log_interval == 0 or metrics.step == config.steps:
+                self._record(metrics)
+            history.append(metrics)
+            ck = config.checkpoint
+            last = self.step == config.steps
+            if (ck.interval and self.step % ck.interval == 0) or (last and ck.save_final):
+                self.save_checkpoint()
+                if ck.kill_after_save == self.step:
+                    # Testing aid: die like a crash would, right after a complete save.
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return history
+
+    def export_hf(self, folder: str | os.PathLike | None = None) -> Path:
+        """Writes the trained model as an HF folder (every rank calls this).
+
+        Each rank rebuilds the whole model on the CPU from the final checkpoint (which
+        holds every stage under any layout); rank 0 writes the files.
+
+        Returns:
+            The folder written (``<output_dir>/hf`` by default).
+        """
+        from torch.distributed.checkpoint import load as dcp_load
+
+        from d9d.module.model.qwen3_dense.hf_io import save_hf_checkpoint
+
+        folder = Path(folder or self.output_dir / "hf")
+        latest = self.checkpoints.latest()
+        if latest is None or not latest.name.endswith(f"-{self.step}"):
+            latest = self.save_checkpoint()
+        with torch.device("meta"):
+            full = Qwen3DenseForCausalLM(self.params, PipelineStageInfo(0, 1), "no", False)
+        full.to_empty(device="cpu")
+        state = {"model": full.state_dict()}
+        dcp_load(state, checkpoint_id=str(latest))
+        full.load_state_dict(state["model"])
+        save_hf_checkpoint(full, folder)
+        self._log(f"exported an HF folder to {folder}")
+        return folder

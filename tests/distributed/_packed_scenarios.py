@@ -1,0 +1,139 @@
+"""Packed-document batches under pipelining and FSDP2 (run in spawned gloo ranks).
+
+Every scenario trains one step on the same packed global batch as a single-process
+reference with the same weights, and reports its worst differences. Documents are
+packed by ``d9d.dataset.pack_documents``: rows hold several documents, one-token
+documents, and continuation chunks whose positions do not restart.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from d9d.core.dist_context import DeviceMeshParameters
+from d9d.dataset import pack_documents
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.stack import build_stage_modules
+from tests.helpers import guarded, small_causal_lm_params
+
+GLOBAL_BATCH = 8
+SEQ = 16
+VOCAB = 96
+MODEL_KW = dict(
+    num_hidden_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_ids=64,
+)
+
+PACKED_LAYOUTS = {
+    "pp=2 1f1b": dict(mesh=dict(pipeline_parallel=2), schedule="1f1b"),
+    "dp_shard=2": dict(mesh=dict(data_parallel_shard=2)),
+    "pp=2 1f1b compile_sac": dict(
+        mesh=dict(pipeline_parallel=2), schedule="1f1b", compile_config="compile_sac"
+    ),
+}
+
+
+def packed_global_batch() -> dict[str, torch.Tensor]:
+    """``GLOBAL_BATCH`` packed rows of ``SEQ`` tokens: all the rows of a small corpus."""
+    # A document split over three rows, one-token documents, rows of 1 to 4 documents
+    # and a row with padding.
+    lengths = [40, 1, 1, 9, 12, 5, 7, 3, 10, 6, 4, 11, 2, 8, 6]
+    gen = torch.Generator().manual_seed(4321)
+    documents = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    batch, plan = pack_documents(documents, SEQ, seed=1)
+    assert len(plan) == GLOBAL_BATCH, len(plan)
+    return batch
+
+
+def _reference():
+    torch.manual_seed(0)
+    model = Qwen3DenseForCausalLM(
+        small_causal_lm_params(**MODEL_KW), PipelineStageInfo(0, 1), "no", False
+    )
+    model.reset_parameters()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    batch = packed_global_batch()
+    out = model(**batch)
+    loss = out["logps"].sum() / (batch["labels"] != -100).sum()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return model, batch, out["logps"].detach(), loss.detach(), grads
+
+
+def _build_stages(ctx, ref_state, compile_config):
+    """This rank's stages through the one builder, then the reference weights loaded."""
+    if compile_config is not None:
+        from d9d.compile import load_compile_config
+
+        compile_config = load_compile_config(compile_config)
+    stack = build_stage_modules(
+        small_causal_lm_params(**MODEL_KW), compile_config, ctx, init="reset", seed=1
+    )
+    for model in stack.modules:
+        # set_model_state_dict replaces the values of the dict it is given by sharded
+        # copies: hand it a shallow copy so the reference stays plain.
+        set_model_state_dict(
+            model, dict(ref_state), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    return stack.modules
+
+
+def run_packed_layout(mesh: dict, schedule: str | None = None, compile_config=None) -> dict:
+    """One training step of the packed batch under ``mesh``; worst differences."""
+    import torch._dynamo.utils as dynamo_utils
+
+    breaks_before = sum(dynamo_utils.counters["graph_break"].values())
+    ref, batch, ref_logps, ref_loss, ref_grads = _reference()
+    ctx = DeviceMeshParameters(**mesh).build()
+    local_batch = GLOBAL_BATCH // ctx.dp_size
+    rows = slice(ctx.dp_rank * local_batch, (ctx.dp_rank + 1) * local_batch)
+    local = {k: v[rows] for k, v in batch.items()}
+    infos = [PipelineStageInfo(s, ctx.pp_size) for s in ctx.local_pipeline_stages(1)]
+    models = _build_stages(ctx, ref.state_dict(), compile_config)
+    loss_fn = CausalLMLoss()
+    if schedule is None:
+        (model,) = models
+        logps = model(**local)["logps"]
+        count = loss_fn.count(local["labels"]).float()
+        dist.all_reduce(count, group=ctx.dp_group)
+        loss = loss_fn({"logps": logps}, local["labels"]) / count
+        loss.backward()
+        loss = loss.detach()
+        dist.all_reduce(loss, group=ctx.dp_group)
+        has_last = True
+    else:
+        pipe = build_pipeline_schedule(ctx, models, infos, local, 4, loss_fn, kind=schedule)
+        step = pipe.step(local, return_outputs=True)
+        loss, has_last = step.loss, pipe.has_last_stage
+        logps = step.outputs["logps"] if has_last else None
+    result: dict = {"graph_breaks": sum(dynamo_utils.counters["graph_break"].values())}
+    result["graph_breaks"] -= breaks_before
+    if has_last:
+        result["loss_diff"] = (loss - ref_loss).abs().item()
+        result["logps_diff"] = (logps - ref_logps[rows]).abs().max().item()
+    worst, names = 0.0, []
+    for model in models:
+        for name, param in model.named_parameters():
+            grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+            worst = max(worst, (grad - ref_grads[name]).abs().max().item())
+            names.append(name)
+    result["grad_diff"], result["checked_params"] = worst, names
+    result["all_params"] = sorted(ref_grads)
+    return result
+
+
+def two_rank_job(workdir: str, names: list[str]) -> dict:
+    """Every packed layout in ``names``."""
+    return {name: guarded(run_packed_layout, **PACKED_LAYOUTS[name]) for name in names}

@@ -1,0 +1,115 @@
+"""Clipping scenarios run inside spawned gloo ranks (see ``tests.helpers.run_spawned``).
+
+Every rank rebuilds the single-device reference model (tiny), takes its gradients on the
+whole global batch and clips a copy with ``torch.nn.utils.clip_grad_norm_``; the layout
+under test runs the same step on its shards and stages and clips with
+``d9d.train.grad_norm.clip_grad_norm_``.
+"""
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from d9d.core.dist_context import DeviceMeshParameters
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
+from d9d.pipelining.api import PipelineStageInfo
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.train.grad_norm import clip_grad_norm_
+from tests.helpers import guarded, small_causal_lm_params
+
+GLOBAL_BATCH, SEQ, VOCAB = 8, 8, 96
+PARAMS = dict(
+    num_hidden_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_ids=32,
+)
+INF = float("inf")
+MAX_NORM = 0.05  # far below the norm, so clipping really scales every gradient
+
+LAYOUTS = {
+    "dp_shard=4": dict(data_parallel_shard=4),
+    "pp=2 x dp_shard=2": dict(pipeline_parallel=2, data_parallel_shard=2),
+    "dp_replicate=2 x dp_shard=2": dict(data_parallel_replicate=2, data_parallel_shard=2),
+    "pp=4": dict(pipeline_parallel=4),
+}
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    labels = ids[:, 1:].clone()
+    labels[1, :3] = -100
+    return {"input_ids": ids[:, :-1].contiguous(), "labels": labels}
+
+
+def _reference(norm_type):
+    torch.manual_seed(0)
+    model = Qwen3DenseForCausalLM(
+        small_causal_lm_params(**PARAMS), PipelineStageInfo(0, 1), "no", False
+    )
+    model.reset_parameters()
+    batch = _batch()
+    logps = model(**batch)["logps"]
+    (logps.sum() / (batch["labels"] != -100).sum()).backward()
+    clipped = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), clipped.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(clipped.parameters(), MAX_NORM, norm_type=norm_type)
+    grads = {n: p.grad for n, p in clipped.named_parameters()}
+    return model.state_dict(), norm.item(), grads
+
+
+def _layout(mesh: dict, norm_type: float) -> dict:
+    state, ref_norm, ref_grads = _reference(norm_type)
+    ctx = DeviceMeshParameters(**mesh).build()
+    (stage_index,) = ctx.local_pipeline_stages(1)
+    info = PipelineStageInfo(stage_index, ctx.pp_size)
+    with torch.device("meta"):
+        model = Qwen3DenseForCausalLM(small_causal_lm_params(**PARAMS), info, "no", False)
+    parallelize_qwen3_dense_for_causal_lm(ctx, model, info)
+    model.to_empty(device=ctx.device)
+    model.reset_parameters()
+    set_model_state_dict(
+        model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    batch = _batch()
+    rows = GLOBAL_BATCH // ctx.dp_size
+    local = {k: v[ctx.dp_rank * rows : (ctx.dp_rank + 1) * rows] for k, v in batch.items()}
+    if ctx.pp_size > 1:
+        build_pipeline_schedule(ctx, [model], [info], local, ctx.pp_size, CausalLMLoss()).step(
+            local
+        )
+    else:
+        count = (local["labels"] != -100).sum().float()
+        dist.all_reduce(count, group=ctx.dp_group)
+        (model(**local)["logps"].sum() / count).backward()
+    norm = clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=ctx.pp_group, norm_type=norm_type)
+    worst = 0.0
+    for name, param in model.named_parameters():
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        worst = max(worst, (grad - ref_grads[name]).abs().max().item())
+    return {
+        "norm": norm.item(),
+        "ref_norm": ref_norm,
+        "clipped_grad_diff": worst,
+        "is_dtensor": isinstance(next(model.parameters()), DTensor),
+    }
+
+
+def four_rank_job(workdir: str) -> dict:
+    torch.use_deterministic_algorithms(False)
+    results = {}
+    for name, mesh in LAYOUTS.items():
+        results[f"{name} L2"] = guarded(_layout, mesh, 2.0)
+    # The max-norm reduces with MAX instead of sums: one layout with both kinds of ranks.
+    results["pp=2 x dp_shard=2 Linf"] = guarded(_layout, LAYOUTS["pp=2 x dp_shard=2"], INF)
+    return results

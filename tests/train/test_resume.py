@@ -1,0 +1,129 @@
+"""Exact resume: N steps straight equal N/2 steps, a SIGKILL right after the checkpoint,
+then N/2 resumed steps (same per-step losses, bit-identical final parameters and
+optimizer state), in one process and under pp=2 x dp_shard=2 (4 processes, torchrun).
+A checkpoint of the 4-process layout also resumes in one process.
+
+The runs are real ``python -m d9d.train`` processes; the killed one uses the
+``checkpoint.kill_after_save`` testing aid to SIGKILL itself right after its save.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.train._loop_scenarios import overrides, write_corpus, write_hf_init
+
+STEPS = 6
+HALF = STEPS // 2
+FOUR = ["parallel.pipeline_parallel=2", "parallel.data_parallel_shard=2"]
+RUN_TIMEOUT_S = 240
+
+
+def _run(items: list[str], world: int = 1) -> subprocess.CompletedProcess:
+    if world == 1:
+        cmd = [sys.executable, "-m", "d9d.train"]
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun), "--standalone", f"--nproc-per-node={world}", "-m", "d9d.train"]
+    for item in items:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return [r["loss"] for r in rows]
+
+
+def _final_state(output_dir: Path, workdir: Path) -> dict:
+    out = workdir / f"{output_dir.name}.pt"
+    dcp_to_torch_save(output_dir / "checkpoints" / f"step-{STEPS}", out)
+    return torch.load(out, weights_only=False)
+
+
+def _assert_bit_identical(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optim"].keys() == b["optim"].keys()
+    for key, value in a["optim"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["optim"][key]), key
+        else:
+            assert value == b["optim"][key], key
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("resume")
+    corpus = write_corpus(workdir)
+    init = write_hf_init(workdir, corpus)
+
+    def items(name: str, *extra: str) -> list[str]:
+        base = overrides(
+            corpus,
+            workdir / name,
+            steps=STEPS,
+            **{"checkpoint.interval": HALF, "checkpoint.save_final": True},
+        )
+        return [*base, f'model.init="{init}"', *extra]
+
+    return workdir, items
+
+
+def _straight_then_killed_then_resumed(workdir, items, name, world, layout):
+    _ok(_run(items(f"{name}_straight", *layout), world))
+    killed = _run(items(f"{name}_resumed", *layout, f"checkpoint.kill_after_save={HALF}"), world)
+    if world == 1:
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    else:
+        assert killed.returncode != 0, "torchrun must report the killed ranks"
+    checkpoints = workdir / f"{name}_resumed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-{HALF}"]
+    resumed = _run(items(f"{name}_resumed", *layout), world)
+    _ok(resumed)
+    assert f"resumed from {checkpoints / f'step-{HALF}'} at step {HALF}" in resumed.stderr
+    straight_dir, resumed_dir = workdir / f"{name}_straight", workdir / f"{name}_resumed"
+    assert _losses(resumed_dir) == _losses(straight_dir)
+    _assert_bit_identical(_final_state(straight_dir, workdir), _final_state(resumed_dir, workdir))
+
+
+def test_exact_resume_one_process(setup):
+    workdir, items = setup
+    _straight_then_killed_then_resumed(workdir, items, "one", 1, [])
+
+
+def test_exact_resume_pp2_x_dp2_and_into_one_process(setup):
+    workdir, items = setup
+    _straight_then_killed_then_resumed(workdir, items, "four", 4, FOUR)
+    # The 4-process checkpoint of step HALF resumes in one process and follows the
+    # one-process run (same init, same data) up to summation order.
+    source = workdir / "four_resumed" / "checkpoints"
+    target = workdir / "cross" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(source / f"step-{HALF}", target / f"step-{HALF}")
+    (workdir / "cross" / "metrics.jsonl").write_text(
+        (workdir / "four_resumed" / "metrics.jsonl").read_text()
+    )
+    if not (workdir / "one_straight").is_dir():
+        _ok(_run(items("one_straight")))
+    _ok(_run(items("cross")))
+    cross = _losses(workdir / "cross")
+    one = _losses(workdir / "one_straight")
+    # fp32 layouts differ by summation order only (see test_loop_layouts).
+    assert cross == pytest.approx(one, rel=1e-5)
