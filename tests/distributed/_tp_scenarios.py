@@ -1,10 +1,11 @@
 """Tensor-parallel scenarios run inside spawned gloo ranks (``tests.helpers.run_spawned``).
 
 Each layout is compared with a single-process reference holding the same weights and
-fed the same global batch (rebuilt on every rank: the model is tiny). Results are
-relative errors of the loss, the per-token outputs and every gathered gradient, plus
-the checks that gradients are complete when ``backward()`` returns (every gradient has
-its parameter's placements, nothing left partial).
+fed the same global batch (two of its rows pack several documents), rebuilt on every
+rank: the model is tiny. Results are relative errors of the loss, the per-token outputs
+and every gathered gradient, plus the checks that gradients are complete when
+``backward()`` returns (every gradient has its parameter's placements, nothing left
+partial).
 """
 
 from types import SimpleNamespace
@@ -46,6 +47,18 @@ MODEL_KW = dict(
 )
 
 
+# Rows 1 and 2 pack several documents (a document starts where the position does not
+# follow the previous one): every scenario runs the document-masked attention too.
+PACKED_POSITIONS = torch.tensor(
+    [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [0, 1, 2, 0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 0, 1, 0, 1],
+        [3, 4, 5, 6, 7, 8, 9, 10],
+    ]
+)
+
+
 def _params(kind: str, num_layers: int = 2, **overrides):
     kw = dict(MODEL_KW, num_hidden_layers=num_layers, **overrides)
     if kind == "causal_lm":
@@ -65,7 +78,7 @@ def _batch(kind: str) -> dict[str, torch.Tensor]:
     attention = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
     batch = {
         "input_ids": ids[:, :-1].contiguous(),
-        "position_ids": torch.arange(SEQ)[None, :] * (1 + torch.arange(GLOBAL_BATCH)[:, None] % 2),
+        "position_ids": PACKED_POSITIONS,
         "hidden_states_agg_mask": attention,
     }
     if kind == "causal_lm":
