@@ -4,7 +4,8 @@ Spawned CPU/gloo ranks, fp32. All scenarios of one world size run in one job. Ea
 compares the loss, the per-token outputs (``logps`` / ``scores``) and every gathered
 gradient with a single-process model holding the same weights, relatively: fp32
 layouts differ from the reference only by summation order (measured worst: ~1e-7 on the
-loss, ~1.3e-6 on a gradient, relative to its largest entry).
+loss, ~1.3e-6 on a gradient, relative to its largest entry). Every batch packs
+several documents in two of its rows.
 """
 
 import pytest
