@@ -134,46 +134,53 @@ def _is_float8(module: nn.Module) -> bool:
     return type(module).__name__ == "Float8Linear"
 
 
-def _linear_styles(layer: nn.Module, device: torch.device) -> tuple[type, type]:
-    """Column/row-wise styles for the layer's linears: torchao's when they are float8."""
+def _check_float8(layer: nn.Module, device: torch.device) -> None:
     float8 = [name for name, m in layer.named_modules() if _is_float8(m)]
-    if not float8:
-        return ColwiseParallel, RowwiseParallel
-    if device.type != "cuda":
+    if float8 and device.type != "cuda":
         raise ValueError(
             f"float8 linears ({', '.join(float8[:3])}, ...) under tensor parallelism need "
             f"torchao's float8 tensor-parallel styles, which run on CUDA only (device is "
             f"{device.type!r}); use a compile preset without float8, or tensor_parallel=1"
         )
+
+
+def _linear_style(linear: nn.Module, rowwise: bool, **kwargs) -> ParallelStyle:
+    """Column/row-wise style for one linear: torchao's float8-aware one for float8 linears."""
+    if not _is_float8(linear):
+        return RowwiseParallel(**kwargs) if rowwise else ColwiseParallel(**kwargs)
     from torchao.float8.float8_tensor_parallel import (
         Float8ColwiseParallel,
         Float8RowwiseParallel,
     )
 
-    if len(float8) != sum(isinstance(m, nn.Linear) for m in layer.modules()):
-        raise ValueError(
-            "tensor parallelism with float8 needs every linear of a layer in float8 or none"
+    return Float8RowwiseParallel(**kwargs) if rowwise else Float8ColwiseParallel(**kwargs)
+
+
+def _layer_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
+    def colwise(name: str) -> ParallelStyle:
+        return _linear_style(layer.get_submodule(name), rowwise=False)
+
+    def rowwise(name: str) -> ParallelStyle:
+        return _linear_style(
+            layer.get_submodule(name), rowwise=True, output_layouts=Shard(1), use_local_output=False
         )
-    return Float8ColwiseParallel, Float8RowwiseParallel
 
-
-def _layer_plan(colwise: type, rowwise: type) -> dict[str, ParallelStyle]:
     return {
         "input_layernorm": SequenceParallel(),
         "self_attn": ReplicateFirstInput(),
-        "self_attn.q_proj": colwise(),
-        "self_attn.k_proj": colwise(),
-        "self_attn.v_proj": colwise(),
+        "self_attn.q_proj": colwise("self_attn.q_proj"),
+        "self_attn.k_proj": colwise("self_attn.k_proj"),
+        "self_attn.v_proj": colwise("self_attn.v_proj"),
         # The q/k norms see (B, S, local heads, head_dim): their shared weight is
         # replicated and its gradient summed over the ranks' heads.
         "self_attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
         "self_attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-        "self_attn.o_proj": rowwise(output_layouts=Shard(1), use_local_output=False),
+        "self_attn.o_proj": rowwise("self_attn.o_proj"),
         "post_attention_layernorm": SequenceParallel(),
         "mlp": ReplicateFirstInput(),
-        "mlp.gate_proj": colwise(),
-        "mlp.up_proj": colwise(),
-        "mlp.down_proj": rowwise(output_layouts=Shard(1), use_local_output=False),
+        "mlp.gate_proj": colwise("mlp.gate_proj"),
+        "mlp.up_proj": colwise("mlp.up_proj"),
+        "mlp.down_proj": rowwise("mlp.down_proj"),
     }
 
 
@@ -250,12 +257,13 @@ def apply_tensor_parallel_qwen3_dense(
         check_compile_config_for_tensor_parallel(report.config, degree)
     backbone = _backbone(model)
     layers = list(backbone.layers.values())
-    styles = [_linear_styles(layer, dist_context.device) for layer in layers]
+    for layer in layers:
+        _check_float8(layer, dist_context.device)
     mesh = dist_context.mesh_for(DENSE_DOMAIN)["tp"]
     if stage.is_current_stage_first:
         parallelize_module(backbone.embed_tokens, mesh, VocabParallelEmbedding())
-    for layer, (colwise, rowwise) in zip(layers, styles, strict=True):
-        parallelize_module(layer, mesh, _layer_plan(colwise, rowwise))
+    for layer in layers:
+        parallelize_module(layer, mesh, _layer_plan(layer))
     if stage.is_current_stage_last:
         parallelize_module(backbone.norm, mesh, SequenceParallel())
         if isinstance(model, Qwen3DenseForCausalLM):
