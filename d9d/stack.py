@@ -5,18 +5,23 @@ For each pipeline stage this rank runs, in this order:
 1. build the stage module on ``meta`` (its layers come from ``PipelineStageInfo``) and
    give it the parameter dtype;
 2. apply the compile preset (``d9d.compile.apply_compile_config``): float8 linears, then
+   tensor parallelism (DTensor plans on the ``tp`` mesh dim, when it is above 1), then
    activation checkpointing around each ``Qwen3DenseLayer``, then regional
    ``torch.compile`` of each layer;
 3. FSDP2 (``d9d.module.parallelism``): each layer one unit, then the embedding, the norm
-   with the head, and the root, with the preset's mixed-precision policy;
+   with the head, and the root, with the preset's mixed-precision policy (over the
+   data-parallel dims; with tensor parallelism the parameters are 2-D DTensors);
 4. ``to_empty`` on the device, then initialise: ``reset_parameters()`` from a seed, or an
    HF checkpoint folder, or nothing (a DCP checkpoint will be loaded next).
 
-Float8 comes before the checkpoint policy so that the policy sees the float8 ops; compile
-wraps both; FSDP2 goes around the compiled layer so that its hooks stay outside the
-graph; materialising last means no full-size model ever exists on one rank.
+Float8 comes before the checkpoint policy so that the policy sees the float8 ops, and
+before tensor parallelism so that float8 linears get float8-aware styles; the TP
+collectives then sit inside the checkpointed, compiled layer; compile wraps them all;
+FSDP2 goes around the compiled layer so that its hooks stay outside the graph;
+materialising last means no full-size model ever exists on one rank.
 """
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +43,10 @@ from d9d.module.parallelism.init import init_stage_parameters
 from d9d.module.parallelism.model.qwen3_dense import (
     parallelize_qwen3_dense_for_causal_lm,
     parallelize_qwen3_dense_for_classification,
+)
+from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
+    apply_tensor_parallel_qwen3_dense,
+    check_compile_config_for_tensor_parallel,
 )
 from d9d.pipelining.api import PipelineStageInfo
 
@@ -160,6 +169,10 @@ def build_stage_modules(
         num_stages = num_stages_per_rank
     device = torch.device(device) if device is not None else _default_device(dist_context)
     compute_dtype = fsdp.torch_param_dtype() or param_dtype
+    if dist_context is not None:
+        check_compile_config_for_tensor_parallel(
+            compile_config, dist_context.params.tensor_parallel
+        )
     infos = [PipelineStageInfo(stage, num_stages) for stage in stage_ids]
     modules, reports = [], []
     for info in infos:
@@ -167,7 +180,14 @@ def build_stage_modules(
         with torch.device("meta"):
             module = model_cls(params, info, hidden_states_snapshot_mode, False)
         module.to(param_dtype)
-        reports.append(apply_compile_config(module, compile_config))
+        tensor_parallel = None
+        if dist_context is not None:
+            tensor_parallel = functools.partial(
+                apply_tensor_parallel_qwen3_dense, dist_context, stage=info
+            )
+        reports.append(
+            apply_compile_config(module, compile_config, before_checkpointing=tensor_parallel)
+        )
         if dist_context is not None:
             _parallelize_fn(params)(
                 dist_context,

@@ -11,8 +11,10 @@ launches there)::
     python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
         --config eager compile compile_sac compile_sac_float8 --json out.json
 
-Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate`` every rank trains its part
-(FSDP2 per layer inside pipeline stages) and the table is printed per device.
+Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate/--tp`` every rank trains its
+part (tensor parallelism, then FSDP2 per layer inside pipeline stages) and the table is
+printed per device (tensor-parallel ranks share their tokens: FLOPs are divided by
+``--tp``).
 
 Progress goes to stderr (one line per step), the table to stdout, one row as soon as its
 config finishes (``--json`` is rewritten after each config too). A config this machine
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--pp", type=_int_at_least(1), default=1, help="pipeline stages")
     dist.add_argument("--dp-shard", type=_int_at_least(1), default=1, help="FSDP shard degree")
     dist.add_argument("--dp-replicate", type=_int_at_least(1), default=1, help="HSDP replicas")
+    dist.add_argument("--tp", type=_int_at_least(1), default=1, help="tensor-parallel degree")
     dist.add_argument(
         "--microbatches", type=_int_at_least(1), default=None, help="pipeline microbatches"
     )
@@ -250,7 +253,8 @@ def _device(text: str | None) -> torch.device:
 
 
 def _is_distributed(args) -> bool:
-    return "WORLD_SIZE" in os.environ or args.pp > 1 or args.dp_shard > 1 or args.dp_replicate > 1
+    degrees = (args.pp, args.dp_shard, args.dp_replicate, args.tp)
+    return "WORLD_SIZE" in os.environ or any(degree > 1 for degree in degrees)
 
 
 class _Output:
@@ -312,6 +316,7 @@ def run(args, output: _Output | None = None) -> list[Record]:
             pp=args.pp,
             dp_shard=args.dp_shard,
             dp_replicate=args.dp_replicate,
+            tp=args.tp,
             microbatches=args.microbatches,
         )
         records = iter_distributed(spec, configs, layout, peak_tflops=args.peak_tflops)

@@ -3,15 +3,18 @@
 Order (FSDP2 comes after, in ``d9d.module.parallelism``; ``d9d.stack`` runs the whole
 sequence):
     1. float8: swap eligible linears for torchao float8 linears;
+    (1b. the caller's ``before_checkpointing`` step: tensor parallelism in ``d9d.stack``;)
     2. activation checkpointing around each ``Qwen3DenseLayer``;
     3. ``torch.compile`` of each ``Qwen3DenseLayer`` (regional).
-Float8 comes first so that the checkpoint policy sees (and can save) the float8 ops,
-and compile comes last so that both are traced into each layer's compiled region.
+Float8 comes first so that the checkpoint policy sees (and can save) the float8 ops and
+tensor parallelism can pick float8-aware styles; compile comes last so that all of them
+are traced into each layer's compiled region.
 """
 
 import dataclasses
 import logging
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -97,7 +100,12 @@ def _validate(model: nn.Module, backbone: Qwen3DenseModel, config: CompileConfig
         )
 
 
-def apply_compile_config(model: nn.Module, config: CompileConfig) -> CompileReport:
+def apply_compile_config(
+    model: nn.Module,
+    config: CompileConfig,
+    *,
+    before_checkpointing: Callable[[nn.Module], bool] | None = None,
+) -> CompileReport:
     """Applies float8, the checkpoint policy and regional compile to ``model``, in place.
 
     Works on a whole model or one pipeline stage, and on a model built on ``meta`` (call
@@ -109,6 +117,10 @@ def apply_compile_config(model: nn.Module, config: CompileConfig) -> CompileRepo
         model: ``Qwen3DenseForCausalLM``, ``Qwen3DenseForClassification`` or
             ``Qwen3DenseModel``.
         config: The compile config (see :func:`d9d.compile.load_compile_config`).
+        before_checkpointing: Called with ``model`` after float8 and before activation
+            checkpointing and compile; returns whether it changed the model (reported as
+            step ``"tensor_parallel"``). ``d9d.stack.build_stage_modules`` passes the
+            tensor-parallel plan here.
 
     Returns:
         What was applied (also available later from :func:`get_compile_report`).
@@ -131,6 +143,9 @@ def apply_compile_config(model: nn.Module, config: CompileConfig) -> CompileRepo
         logger.info("step 1/3: float8 (%s)", config.float8.recipe)
         report.float8 = convert_linears_to_float8(model, config.float8)
         report.steps.append("float8")
+    if before_checkpointing is not None and before_checkpointing(model):
+        logger.info("step 1b/3: tensor parallelism")
+        report.steps.append("tensor_parallel")
     if config.activation_checkpointing.mode != "none":
         logger.info("step 2/3: activation checkpointing (%s)", config.activation_checkpointing.mode)
         report.checkpoint_policy = apply_activation_checkpointing(

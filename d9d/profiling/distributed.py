@@ -7,7 +7,8 @@ drives it: without pipelining a plain forward/backward (FSDP2 reduces the gradie
 with ``pp > 1`` a 1F1B schedule over ``n_microbatches``.
 
 Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
-divided by the world size, so tokens/s and MFU read the same way as on one device and
+divided by the world size (tensor-parallel ranks work on the same tokens, so their
+FLOPs are divided by the TP degree), so tokens/s and MFU read the same way as on one device and
 are directly comparable with the single-device table. Rank 0 merges the ranks' records:
 the slowest rank's step time (the others wait for it), the largest peak memory, the
 largest graph-break and recompile counts, and the loss from the last stage.
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
@@ -51,18 +53,20 @@ class ParallelLayout:
         pp: Pipeline stages.
         dp_shard: FSDP shard degree.
         dp_replicate: HSDP replicas.
+        tp: Tensor-parallel degree.
         microbatches: Pipeline microbatches (``None``: one per stage).
     """
 
     pp: int = 1
     dp_shard: int = 1
     dp_replicate: int = 1
+    tp: int = 1
     microbatches: int | None = None
 
     @property
     def world_size(self) -> int:
         """The number of processes the layout needs."""
-        return self.pp * self.dp_shard * self.dp_replicate
+        return self.pp * self.dp_shard * self.dp_replicate * self.tp
 
 
 class DistributedTrainer:
@@ -91,6 +95,14 @@ class DistributedTrainer:
         (stage,) = stack.infos
         self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
+        if dist_context.is_main_process:
+            # What tensor parallelism and FSDP2 save: the parameters this rank stores.
+            local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+            print(
+                f"parameter memory on rank 0: {local_bytes / 2**20:.2f} MiB (local shards)",
+                file=sys.stderr,
+                flush=True,
+            )
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
         # Each data-parallel rank reads its own samples; pipeline peers read the same.
@@ -122,6 +134,10 @@ class DistributedTrainer:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
@@ -180,7 +196,7 @@ def iter_distributed(
     """
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
-            "--pp/--dp-shard/--dp-replicate need torchrun: torchrun --nproc-per-node "
+            "--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
             f"{layout.world_size} profiling/mfu.py ..."
         )
     if spec.device.type == "cpu" and not dist.is_initialized():
@@ -190,6 +206,7 @@ def iter_distributed(
         pipeline_parallel=layout.pp,
         data_parallel_shard=layout.dp_shard,
         data_parallel_replicate=layout.dp_replicate,
+        tensor_parallel=layout.tp,
     ).build()
     device = dist_context.device
     spec = dataclasses.replace(spec, device=device)

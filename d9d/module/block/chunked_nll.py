@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 def _lse_and_nll(
@@ -60,8 +61,10 @@ def _grad_logits_inplace(
     ignored = labels == ignore_index
     # One fp32 buffer for the whole computation (copy=True: fp32 logits are not touched).
     probs = logits.to(torch.float32, copy=True).sub_(lse.unsqueeze(-1)).exp_()
-    minus_one = torch.full_like(lse, -1.0).unsqueeze(-1)
-    probs.scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), minus_one)
+    # A negative label other than ignore_index (a label another tensor-parallel rank's
+    # vocabulary holds) keeps its softmax row and subtracts no one-hot.
+    minus_one = torch.where(labels >= 0, -1.0, 0.0).to(probs.dtype).unsqueeze(-1)
+    probs.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), minus_one)
     probs.mul_(grad_nll.float().masked_fill(ignored, 0.0).unsqueeze(-1))
     return probs.to(logits.dtype)
 
@@ -83,6 +86,25 @@ class NLLKernels:
 EAGER_NLL_KERNELS = NLLKernels(_lse_and_nll, _grad_logits_inplace)
 
 
+def _vocab_parallel_lse_and_nll(
+    logits: torch.Tensor, local_labels: torch.Tensor, ignore_index: int, group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``logits`` hold this rank's slice of the vocabulary; ``local_labels`` index into it
+    # (-1: another rank holds the label, ignore_index: ignored). The max, the sum of
+    # exponentials and the picked logit are reduced over the group, so no rank ever
+    # holds the logits of the whole vocabulary.
+    x = logits.float()
+    row_max = x.amax(dim=-1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (x - row_max.unsqueeze(-1)).exp().sum(dim=-1)
+    owned = local_labels >= 0
+    picked = x.gather(-1, local_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    stats = torch.stack([sum_exp, picked.masked_fill(~owned, 0.0)])
+    dist.all_reduce(stats, group=group)
+    lse = row_max + stats[0].log()
+    return lse, (lse - stats[1]).masked_fill(local_labels == ignore_index, 0.0)
+
+
 @functools.cache
 def compiled_nll_kernels(backend: str = "inductor") -> NLLKernels:
     """The kernels compiled once per process (dynamic shapes: any chunk length/vocab)."""
@@ -97,27 +119,32 @@ def _logits(h: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, labels, ignore_index, chunk_tokens, kernels, *weights):
+    def forward(ctx, hidden, labels, ignore_index, chunk_tokens, kernels, group, *weights):
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = labels.reshape(-1)
         num_tokens = flat_h.shape[0]
         keep_logits = num_tokens <= chunk_tokens
+        if group is None:
+            lse_and_nll = kernels.lse_and_nll
+        else:
+            lse_and_nll = functools.partial(_vocab_parallel_lse_and_nll, group=group)
         if keep_logits:
             logits = _logits(flat_h, weights)
-            lse, nll = kernels.lse_and_nll(logits, flat_labels, ignore_index)
+            lse, nll = lse_and_nll(logits, flat_labels, ignore_index)
             ctx.save_for_backward(hidden, labels, lse, logits, *weights)
         else:
             lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
             nll = torch.empty_like(lse)
             for start in range(0, num_tokens, chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
-                lse[rows], nll[rows] = kernels.lse_and_nll(
+                lse[rows], nll[rows] = lse_and_nll(
                     _logits(flat_h[rows], weights), flat_labels[rows], ignore_index
                 )
             ctx.save_for_backward(hidden, labels, lse, None, *weights)
         ctx.ignore_index = ignore_index
         ctx.chunk_tokens = chunk_tokens
         ctx.kernels = kernels
+        ctx.group = group
         return nll.view(labels.shape)
 
     @staticmethod
@@ -127,7 +154,7 @@ class _LinearNLL(torch.autograd.Function):
         flat_labels = labels.reshape(-1)
         flat_grad = grad_nll.reshape(-1)
         need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[5:]
+        need_w = ctx.needs_input_grad[6:]
         sizes = [w.shape[0] for w in weights]
         num_tokens = flat_h.shape[0]
         chunk = num_tokens if logits is not None else ctx.chunk_tokens
@@ -160,8 +187,12 @@ class _LinearNLL(torch.autograd.Function):
                 else:
                     grad_w[i] += product
         grads_w = [g if g is None else g.to(w.dtype) for g, w in zip(grad_w, weights, strict=True)]
+        if need_h and ctx.group is not None:
+            # Each rank's logits cover its slice of the vocabulary: the hidden gradient is
+            # the sum of every slice's part.
+            dist.all_reduce(grad_h, group=ctx.group)
         grad_hidden = grad_h.view(hidden.shape) if need_h else None
-        return (grad_hidden, None, None, None, None, *grads_w)
+        return (grad_hidden, None, None, None, None, None, *grads_w)
 
 
 def linear_nll(
@@ -171,6 +202,7 @@ def linear_nll(
     ignore_index: int,
     chunk_tokens: int,
     kernels: NLLKernels = EAGER_NLL_KERNELS,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Per-token NLL of ``hidden @ cat(weights).T`` against ``labels``.
 
@@ -182,10 +214,17 @@ def linear_nll(
         chunk_tokens: Most tokens whose logits are alive at once. If all tokens fit, the
             logits are kept for backward; otherwise they are recomputed chunk by chunk.
         kernels: The loss kernels (eager, or :func:`compiled_nll_kernels`).
+        group: Vocab-parallel mode (tensor parallelism): ``weights`` are this rank's
+            rows of each split, ``labels`` index into their concatenation (``-1`` where
+            another rank of ``group`` holds the label), ``hidden`` is the same on every
+            rank. The max, logsumexp and label pick are reduced over ``group`` (chunk by
+            chunk: the full-vocabulary logits never exist anywhere); the returned NLL
+            and the hidden gradient are complete on every rank, weight gradients are
+            this rank's rows.
 
     Returns:
         fp32 ``(...)`` tensor of ``logsumexp(logits) - logits[label]``.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _LinearNLL.apply(hidden, labels, ignore_index, chunk_tokens, kernels, *weights)
+    return _LinearNLL.apply(hidden, labels, ignore_index, chunk_tokens, kernels, group, *weights)

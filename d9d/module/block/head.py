@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 
 from d9d.core.checks import check_token_range
 from d9d.core.constants import IGNORE_INDEX
@@ -57,6 +58,8 @@ class SplitLanguageModellingHead(nn.Module):
             )
         check_token_range(labels, self.vocab_size, "labels", ignore_index=IGNORE_INDEX)
         linears = [self.lm_head[name] for name in self.split_order]
+        if isinstance(linears[0].weight, DTensor):
+            return self._vocab_parallel_nll(hidden_states, labels, linears)
         # Swapped linears (e.g. float8) must run through their own forward.
         if all(type(lin) is nn.Linear for lin in linears):
             bytes_per_token = self.vocab_size * hidden_states.element_size()
@@ -72,6 +75,46 @@ class SplitLanguageModellingHead(nn.Module):
         flat = logits.reshape(-1, logits.shape[-1])
         _, nll = self.nll_kernels.lse_and_nll(flat, labels.reshape(-1), IGNORE_INDEX)
         return nll.view(labels.shape)
+
+    def _vocab_parallel_nll(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, linears: list[nn.Linear]
+    ) -> torch.Tensor:
+        # Tensor parallelism: each split's rows (vocabulary) are sharded over the mesh and
+        # ``hidden_states`` is the same on every rank. Labels become indices into this
+        # rank's rows (-1 where another rank holds them); the loss reduces the max,
+        # logsumexp and pick over the group, so full-vocabulary logits never exist.
+        if any(type(lin) is not nn.Linear for lin in linears):
+            raise ValueError(
+                "the vocab-parallel LM-head loss needs plain nn.Linear heads (got "
+                f"{sorted({type(lin).__name__ for lin in linears})}); keep the head out of "
+                "float8 under tensor parallelism"
+            )
+        mesh = linears[0].weight.device_mesh
+        rank = mesh.get_local_rank()
+        weights = [lin.weight.to_local() for lin in linears]
+        local_labels = torch.full_like(labels, -1)
+        local_labels = local_labels.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+        offset, column = 0, 0
+        for lin, weight in zip(linears, weights, strict=True):
+            rows = weight.shape[0]
+            start = offset + rank * rows
+            owned = (labels >= start) & (labels < start + rows)
+            local_labels = torch.where(owned, labels - start + column, local_labels)
+            offset += lin.weight.shape[0]
+            column += rows
+        hidden = hidden_states
+        if isinstance(hidden, DTensor):
+            hidden = hidden.redistribute(placements=[Replicate()]).to_local()
+        bytes_per_token = column * hidden.element_size()
+        return linear_nll(
+            hidden,
+            weights,
+            local_labels,
+            IGNORE_INDEX,
+            chunk_tokens=max(1, self.logits_chunk_bytes // bytes_per_token),
+            kernels=self.nll_kernels,
+            group=mesh.get_group(),
+        )
 
     def reset_parameters(self) -> None:
         """Re-initialises every split with ``nn.Linear`` defaults."""

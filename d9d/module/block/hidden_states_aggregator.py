@@ -4,6 +4,7 @@ from enum import StrEnum
 from typing import Protocol
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class HiddenStatesAggregationMode(StrEnum):
@@ -46,6 +47,10 @@ class _MeanAggregator:
         self._collected: list[torch.Tensor] = []
 
     def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        if isinstance(hidden_states, DTensor):
+            # Tensor parallelism shards the residual stream on the sequence; the snapshot
+            # is whole on every rank (its gradient then arrives whole, not partial).
+            hidden_states = hidden_states.full_tensor()
         if self._weights.shape[:2] != hidden_states.shape[:2]:
             # A (B, 1) or (1, S) mask would broadcast into a sum instead of a mean.
             raise ValueError(

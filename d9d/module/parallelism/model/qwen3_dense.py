@@ -6,6 +6,11 @@ wrapped, so the FSDP hooks run around the compiled region, not inside it), the f
 norm together with the output head (last stage), and the root module. All of them are
 HSDP over the ``("dp_replicate", "dp_cp_shard", "cp_replicate")`` slice of the dense
 mesh, with gradients summed over data-parallel ranks.
+
+With ``tensor_parallel > 1`` the tensor-parallel plan
+(``d9d.module.parallelism.model.qwen3_dense_tensor_parallel``) is applied first, unless
+the builder already applied it; FSDP2 then shards the TP ``DTensor`` parameters over the
+data-parallel dims (2-D ``(dp, tp)`` parameters, HSDP x TP, and inside pipeline stages).
 """
 
 from torch import nn
@@ -18,6 +23,9 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.module.parallelism.api import parallelize_hsdp
+from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
+    apply_tensor_parallel_qwen3_dense,
+)
 from d9d.pipelining.api import PipelineStageInfo
 
 HSDP_DIMS = ("dp_replicate", "dp_cp_shard", "cp_replicate")
@@ -34,11 +42,6 @@ class _Plan:
         reshard_after_forward: bool | None,
     ):
         params = dist_context.params
-        if params.is_tensor_parallel:
-            raise ValueError(
-                f"tensor parallelism (tensor_parallel={params.tensor_parallel}) is not "
-                "supported for Qwen3 Dense yet"
-            )
         if params.is_context_parallel:
             raise ValueError(
                 "context parallelism (context_parallel_shard="
@@ -87,13 +90,15 @@ def parallelize_qwen3_dense_model(
 ) -> None:
     """Parallelizes the base Qwen3 Dense model components.
 
-    Applies HSDP to the embedding (first stage), each layer, and the root (which keeps
-    the final norm of the last stage). Call it after the compile layer and before
-    ``to_empty``/``reset_parameters`` or loading a checkpoint.
+    Applies the tensor-parallel plan when the context asks for it (and it was not
+    applied yet), then HSDP to the embedding (first stage), each layer, and the root
+    (which keeps the final norm of the last stage). Call it after the compile layer and
+    before ``to_empty``/``reset_parameters`` or loading a checkpoint.
 
     Current usage constraints:
-    * Tensor Parallelism is not supported (we may implement it later).
     * Context Parallelism is not supported (we will implement it later).
+    * Under tensor parallelism, shapes must split evenly (see
+      ``validate_tensor_parallel``).
 
     Args:
         dist_context: The distributed context.
@@ -107,9 +112,11 @@ def parallelize_qwen3_dense_model(
             pipelining (each microbatch would all-gather again).
 
     Raises:
-        ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
+        ValueError: If Context Parallel is enabled in the context, or a dimension does not
+            split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model, stage)
     plan.shard_root(model)
 
@@ -136,9 +143,11 @@ def parallelize_qwen3_dense_for_causal_lm(
         reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
-        ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
+        ValueError: If Context Parallel is enabled in the context, or a dimension does not
+            split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.lm_head], reshard=False)
@@ -166,9 +175,11 @@ def parallelize_qwen3_dense_for_classification(
         reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
-        ValueError: If Tensor Parallel or Context Parallel is enabled in the context.
+        ValueError: If Context Parallel is enabled in the context, or a dimension does not
+            split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.cls_head], reshard=False)
