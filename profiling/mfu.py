@@ -43,7 +43,12 @@ from d9d.profiling.benchmark import (
     validate_spec,
 )
 from d9d.profiling.model_presets import MODEL_PRESETS, get_model_preset
-from d9d.profiling.peak import faster_dtype_note, resolve_peak_flops
+from d9d.profiling.peak import (
+    dtype_name,
+    faster_cpu_dtype,
+    faster_dtype_note,
+    resolve_peak_flops,
+)
 from d9d.profiling.report import Record, table_footer, table_header, table_row
 
 DEFAULT_CONFIGS = ("eager", "compile", "compile_sac", "compile_sac_float8")
@@ -137,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=_int_at_least(1), default=1, help="warm-up steps (the first compiles)"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype"
+        "--dtype",
+        choices=["auto", *sorted(_DTYPES)],
+        default="auto",
+        help="compute dtype; auto (default): bfloat16 on a GPU, and on the CPU whichever of "
+        "bfloat16/float32 its measured matmul peak favours (bfloat16 under torchrun)",
     )
     parser.add_argument(
         "--mixed-precision",
@@ -192,13 +201,21 @@ def _one_line(err: BaseException) -> str:
 
 
 def _fill_defaults(args, device: torch.device) -> None:
-    """Fills ``--model/--batch-size/--seq-len`` left unset with the device's defaults."""
+    """Fills ``--model/--batch-size/--seq-len/--dtype`` left unset with the device's defaults."""
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     filled = {}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
             filled[name] = value
+    if args.dtype == "auto":
+        if device.type == "cpu" and "WORLD_SIZE" not in os.environ:
+            dtype, why = faster_cpu_dtype()
+            args.dtype = dtype_name(dtype)
+            print(f"profiling/mfu.py: {why}", file=sys.stderr)
+        else:
+            # Every rank must agree without measuring; GPUs train in bf16.
+            args.dtype = "bfloat16"
     if filled and device.type == "cuda":
         print(
             "profiling/mfu.py: on a GPU the defaults are "

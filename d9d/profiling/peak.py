@@ -395,6 +395,25 @@ def resolve_peak_flops(
     )
 
 
+def faster_cpu_dtype(margin: float = 1.2) -> tuple[torch.dtype, str]:
+    """The dtype a CPU trains faster in: fp32 if its GEMM peak beats bf16's by ``margin``.
+
+    CPUs without bf16 matmul units (AVX2 only, or AVX-512 without bf16/AMX) emulate bf16
+    and run it several times slower than fp32; CPUs with them (AMX, AVX-512-BF16) are
+    about as fast or faster in bf16, which then also halves the memory.
+
+    Returns:
+        The dtype and a line saying why (both measured peaks).
+    """
+    bf16 = measure_cpu_matmul_peak(torch.bfloat16)
+    fp32 = measure_cpu_matmul_peak(torch.float32)
+    chosen = torch.float32 if fp32 > margin * bf16 else torch.bfloat16
+    return chosen, (
+        f"--dtype auto chose {dtype_name(chosen)} on this CPU (measured matmul peaks: "
+        f"bfloat16 {bf16 / 1e12:.3f}, float32 {fp32 / 1e12:.3f} TFLOP/s)"
+    )
+
+
 def faster_dtype_note(
     device: torch.device, dtype: torch.dtype, *, margin: float = 1.2
 ) -> str | None:

@@ -288,10 +288,24 @@ def test_gpu_defaults_are_a_real_shape_and_said_so(capsys):
     assert (args.model, args.batch_size, args.seq_len) == ("qwen3-1.7b", 1, 2048)
     err = capsys.readouterr().err
     assert "--model qwen3-1.7b, --batch-size 1 (pass them to change)" in err
-    args = mfu.build_parser().parse_args([])
+    assert args.dtype == "bfloat16"  # --dtype auto on a GPU
+    args = mfu.build_parser().parse_args(["--dtype", "float32"])
     mfu._fill_defaults(args, torch.device("cpu"))
     assert (args.model, args.batch_size, args.seq_len) == ("cpu-small", 2, 256)
     assert capsys.readouterr().err == ""
+
+
+def test_auto_dtype_on_the_cpu_is_measured_and_said(monkeypatch, capsys):
+    from d9d.profiling import peak
+
+    measured = {torch.bfloat16: 100e9, torch.float32: 300e9}  # an AVX2-only CPU
+    monkeypatch.setattr(peak, "measure_cpu_matmul_peak", lambda dtype: measured[dtype])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = mfu.build_parser().parse_args([])
+    assert args.dtype == "auto"
+    mfu._fill_defaults(args, torch.device("cpu"))
+    assert args.dtype == "float32"
+    assert "--dtype auto chose float32 on this CPU" in capsys.readouterr().err
 
 
 def test_importing_the_harness_does_not_load_torchao():

@@ -162,3 +162,17 @@ def test_cpu_peak_measurement_stops_before_sizes_past_its_time_budget():
     assert flops > 0
     assert largest_measured_size(torch.float64, sizes) == 64
     assert largest_measured_size(torch.float16, sizes) is None
+
+
+@pytest.mark.parametrize(
+    ("bf16", "fp32", "chosen"),
+    [(159e9, 317e9, torch.float32), (400e9, 420e9, torch.bfloat16), (800e9, 400e9, torch.bfloat16)],
+)
+def test_auto_dtype_picks_what_this_cpu_multiplies_faster(monkeypatch, bf16, fp32, chosen):
+    from d9d.profiling import peak
+
+    measured = {torch.bfloat16: bf16, torch.float32: fp32}
+    monkeypatch.setattr(peak, "measure_cpu_matmul_peak", lambda dtype: measured[dtype])
+    dtype, why = peak.faster_cpu_dtype()
+    assert dtype == chosen
+    assert f"chose {peak.dtype_name(chosen)}" in why and f"{fp32 / 1e12:.3f}" in why
