@@ -124,6 +124,8 @@ class ParallelSection(_Section):
         pipeline_parallel: Pipeline ranks.
         data_parallel_shard: FSDP ranks.
         data_parallel_replicate: HSDP replicas.
+        tensor_parallel: Tensor-parallel ranks (sequence parallel between blocks; they
+            read the same data).
         pipeline_schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
         stages_per_rank: Pipeline stages per rank (more than 1 needs interleaved 1F1B).
         n_microbatches: Microbatches per step (``None``: the number of pipeline stages;
@@ -133,6 +135,7 @@ class ParallelSection(_Section):
     pipeline_parallel: int = Field(default=1, ge=1)
     data_parallel_shard: int = Field(default=1, ge=1)
     data_parallel_replicate: int = Field(default=1, ge=1)
+    tensor_parallel: int = Field(default=1, ge=1)
     pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     stages_per_rank: int = Field(default=1, ge=1)
     n_microbatches: int | None = Field(default=None, ge=1)
@@ -140,7 +143,12 @@ class ParallelSection(_Section):
     @property
     def world_size(self) -> int:
         """Processes this layout needs."""
-        return self.pipeline_parallel * self.data_parallel_shard * self.data_parallel_replicate
+        return (
+            self.pipeline_parallel
+            * self.data_parallel_shard
+            * self.data_parallel_replicate
+            * self.tensor_parallel
+        )
 
 
 class ClipSection(_Section):

@@ -110,7 +110,8 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         raise ValueError(
             f"[parallel] describes {parallel.world_size} processes (pipeline_parallel="
             f"{parallel.pipeline_parallel} x data_parallel_shard={parallel.data_parallel_shard}"
-            f" x data_parallel_replicate={parallel.data_parallel_replicate}), but "
+            f" x data_parallel_replicate={parallel.data_parallel_replicate} x "
+            f"tensor_parallel={parallel.tensor_parallel}), but "
             f"{world} were started; run it with torchrun --nproc-per-node "
             f"{parallel.world_size} -m d9d.train ..."
         )
@@ -118,6 +119,7 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         pipeline_parallel=parallel.pipeline_parallel,
         data_parallel_shard=parallel.data_parallel_shard,
         data_parallel_replicate=parallel.data_parallel_replicate,
+        tensor_parallel=parallel.tensor_parallel,
     ).build()
 
 

@@ -17,6 +17,7 @@ LAYOUTS = {
     "dp_shard=2": {"parallel.data_parallel_shard": 2},
     "pp=2 (1f1b)": {"parallel.pipeline_parallel": 2, "parallel.pipeline_schedule": "1f1b"},
     "pp=2 x dp_shard=2": {"parallel.pipeline_parallel": 2, "parallel.data_parallel_shard": 2},
+    "tp=2": {"parallel.tensor_parallel": 2},
 }
 
 
@@ -64,7 +65,7 @@ def overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
         "model.hidden_size": 32,
         "model.intermediate_size": 64,
         "model.num_attention_heads": 2,
-        "model.num_key_value_heads": 1,
+        "model.num_key_value_heads": 2,  # divisible by tensor_parallel=2
         "model.head_dim": 16,
         "data.source": "tokens",
         "data.paths": [str(corpus)],

@@ -18,8 +18,10 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     results: dict[str, dict] = {}
     by_world: dict[int, list[str]] = {}
     for name, layout in LAYOUTS.items():
-        world = layout.get("parallel.pipeline_parallel", 1) * layout.get(
-            "parallel.data_parallel_shard", 1
+        world = (
+            layout.get("parallel.pipeline_parallel", 1)
+            * layout.get("parallel.data_parallel_shard", 1)
+            * layout.get("parallel.tensor_parallel", 1)
         )
         by_world.setdefault(world, []).append(name)
     for world, names in by_world.items():
