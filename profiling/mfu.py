@@ -208,14 +208,9 @@ def _fill_defaults(args, device: torch.device) -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
             filled[name] = value
-    if args.dtype == "auto":
-        if device.type == "cpu" and "WORLD_SIZE" not in os.environ:
-            dtype, why = faster_cpu_dtype()
-            args.dtype = dtype_name(dtype)
-            print(f"profiling/mfu.py: {why}", file=sys.stderr)
-        else:
-            # Every rank must agree without measuring; GPUs train in bf16.
-            args.dtype = "bfloat16"
+    if args.dtype == "auto" and (device.type != "cpu" or _is_distributed(args)):
+        # Every rank must agree without measuring; GPUs train in bf16.
+        args.dtype = "bfloat16"
     if filled and device.type == "cuda":
         print(
             "profiling/mfu.py: on a GPU the defaults are "
@@ -223,6 +218,17 @@ def _fill_defaults(args, device: torch.device) -> None:
             + " (pass them to change)",
             file=sys.stderr,
         )
+
+
+def _resolve_auto_dtype(args) -> None:
+    """``--dtype auto`` on a single CPU process: the dtype its matmul peak favours.
+
+    Measured only once the arguments are known to be valid (it takes seconds).
+    """
+    if args.dtype == "auto":
+        dtype, why = faster_cpu_dtype()
+        args.dtype = dtype_name(dtype)
+        print(f"profiling/mfu.py: {why}", file=sys.stderr)
 
 
 def _model_params(args):
@@ -312,7 +318,7 @@ def run(args, output: _Output | None = None) -> list[Record]:
         seq_len=args.seq_len,
         steps=args.steps,
         warmup=args.warmup,
-        dtype=_DTYPES[args.dtype],
+        dtype=_DTYPES.get(args.dtype, torch.float32),  # "auto" is resolved below
         device=device,
         trace_dir=args.trace,
         trace_steps=args.trace_steps,
@@ -323,6 +329,8 @@ def run(args, output: _Output | None = None) -> list[Record]:
     )
     validate_spec(spec)
     configs = [load_compile_config(name) for name in args.config]
+    _resolve_auto_dtype(args)
+    spec = dataclasses.replace(spec, dtype=_DTYPES[args.dtype])
     records: Iterator[Record]
     if args.packed:
         return _run_packed(args, spec, configs)

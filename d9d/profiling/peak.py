@@ -334,10 +334,12 @@ def resolve_peak_flops(
     """The peak to divide by for a run on ``device`` in ``dtype``.
 
     * ``override_tflops`` wins (the ``--peak-tflops`` flag), labelled as such.
-    * A float8 run is measured against the **bf16** peak: float8 speeds up the same
-      model FLOPs, so MFU against the bf16 peak shows the gain, while MFU against the
-      (twice as high) fp8 peak would punish the casts float8 training needs. The source
-      says so.
+    * A float8 run is measured against the peak of the dtype it otherwise computes in
+      (bf16 on GPUs): float8 speeds up the same model FLOPs, so MFU against that peak
+      shows the gain, while MFU against the (twice as high) fp8 peak would punish the
+      casts float8 training needs. On a CPU that trains in fp32 (bf16 emulated), that
+      is the fp32 peak: a bf16 peak there is a slow emulation, not a ceiling. The
+      source says so.
     * CPU: :func:`measure_cpu_matmul_peak` (labelled "measured").
     * CUDA / ROCm: :func:`lookup_accelerator_peak` by device name.
 
@@ -355,8 +357,8 @@ def resolve_peak_flops(
             peak and no override.
         ValueError: For a non-positive override.
     """
-    peak_dtype = torch.bfloat16 if float8 else dtype
-    basis = " (float8 run: MFU against the bf16 peak)" if float8 else ""
+    peak_dtype = dtype
+    basis = f" (float8 run: MFU against the {dtype_name(dtype)} peak)" if float8 else ""
     if override_tflops is not None:
         if override_tflops <= 0:
             raise ValueError(f"--peak-tflops must be positive, got {override_tflops}")

@@ -45,7 +45,8 @@ class ProfileRecord(BaseModel):
         attention_flops_per_token: The attention term.
         achieved_flops_per_second: ``tokens_per_second * model_flops_per_token``.
         peak_flops_per_second: The peak MFU is divided by.
-        peak_flops_dtype: The dtype of that peak (bf16 for float8 runs).
+        peak_flops_dtype: The dtype of that peak (for float8 runs, the dtype the run otherwise
+            computes in).
         peak_flops_source: Where the peak comes from (datasheet, measured, user).
         mfu: ``achieved_flops_per_second / peak_flops_per_second`` (a fraction).
         peak_memory_bytes: Peak tensor memory of a step.
@@ -183,7 +184,7 @@ def table_row(rec: Record) -> str:
     """One config's row; a skipped config shows its status (the reason is a footnote)."""
     if isinstance(rec, SkippedRecord):
         return _line([rec.config, rec.status] + ["-"] * (len(_COLUMNS) - 2))
-    mfu = f"{rec.mfu:.1%}" + (" (vs bf16)" if rec.float8 else "")
+    mfu = f"{rec.mfu:.1%}" + (f" (vs {rec.peak_flops_dtype})" if rec.float8 else "")
     return _line(
         [
             rec.config,

@@ -122,7 +122,9 @@ def _records_table(records: list[dict]) -> list[str]:
         if rec.get("status", "ok") != "ok":
             lines.append(f"| {rec['config']} | {rec['status']} | - | - | - | - | - | - |")
             continue
-        mfu = f"{rec['mfu']:.1%}" + (" (vs bf16)" if rec.get("float8") else "")
+        mfu = f"{rec['mfu']:.1%}" + (
+            f" (vs {rec.get('peak_flops_dtype')})" if rec.get("float8") else ""
+        )
         lines.append(
             f"| {rec['config']} | {rec['tokens_per_second']:,.0f} | "
             f"{rec['achieved_flops_per_second'] / 1e12:.1f} | {mfu} | "

@@ -86,7 +86,7 @@ def test_prints_the_table_and_progress(run_result):
         assert column in header
     for column in ("median step s", "graph breaks", "recompiles"):
         assert column in header
-    assert "(vs bf16)" in proc.stdout
+    assert "(vs float32)" in proc.stdout  # the float8 row, against its compute dtype
     assert "includes compile into an empty inductor cache" in proc.stdout
     # One progress line per step on stderr: (warmup + steps) per config.
     assert proc.stderr.count("] step ") == 3 * 3
@@ -127,10 +127,10 @@ def test_json_records_are_complete_and_consistent(run_result):
         assert math.isfinite(rec["loss_first"]) and abs(rec["loss_first"] - math.log(512)) < 1.0
     eager, compiled, float8 = records
     assert eager["compiled_graphs"] == 0 and compiled["compiled_graphs"] >= 1
-    # float8 is measured against the bf16 peak although the run is float32.
     assert not eager["float8"] and float8["float8"]
-    assert float8["peak_flops_dtype"] == "bfloat16" and eager["peak_flops_dtype"] == "float32"
-    assert "float8 run: MFU against the bf16 peak" in float8["peak_flops_source"]
+    # float8 is measured against the dtype the run otherwise computes in (float32 here).
+    assert float8["peak_flops_dtype"] == "float32" and eager["peak_flops_dtype"] == "float32"
+    assert "float8 run: MFU against the float32 peak" in float8["peak_flops_source"]
 
 
 def test_trace_is_a_chrome_trace_per_config(run_result):
@@ -304,6 +304,8 @@ def test_auto_dtype_on_the_cpu_is_measured_and_said(monkeypatch, capsys):
     args = mfu.build_parser().parse_args([])
     assert args.dtype == "auto"
     mfu._fill_defaults(args, torch.device("cpu"))
+    assert args.dtype == "auto"  # measured only once the arguments are known valid
+    mfu._resolve_auto_dtype(args)
     assert args.dtype == "float32"
     assert "--dtype auto chose float32 on this CPU" in capsys.readouterr().err
 

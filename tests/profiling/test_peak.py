@@ -74,10 +74,12 @@ def test_override_wins_and_is_labelled():
         resolve_peak_flops(torch.device("cpu"), torch.float32, override_tflops=0.0)
 
 
-def test_float8_run_is_measured_against_the_bf16_peak():
-    peak = resolve_peak_flops(torch.device("cpu"), torch.float32, float8=True, override_tflops=1.0)
-    assert peak.dtype == "bfloat16"
-    assert "bf16 peak" in peak.source
+def test_float8_run_is_measured_against_the_peak_of_its_compute_dtype():
+    # bf16 on GPUs; a CPU run in fp32 (bf16 emulated there) against the fp32 peak.
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        peak = resolve_peak_flops(torch.device("cpu"), dtype, float8=True, override_tflops=1.0)
+        assert peak.dtype == name
+        assert f"float8 run: MFU against the {name} peak" in peak.source
 
 
 def test_cpu_peak_is_measured_in_the_run_dtype():
