@@ -145,7 +145,9 @@ class _LinearNLL(torch.autograd.Function):
         ctx.chunk_tokens = chunk_tokens
         ctx.kernels = kernels
         ctx.group = group
-        return nll.view(labels.shape)
+        # A fresh (B, S) tensor, not a view: FSDP2 warns about (and mishandles in-place
+        # ops on) module outputs that are views. The copy is 4 bytes per token.
+        return nll.view(labels.shape).clone()
 
     @staticmethod
     def backward(ctx, grad_nll):

@@ -74,7 +74,7 @@ class SplitLanguageModellingHead(nn.Module):
         logits = self.logits(hidden_states)
         flat = logits.reshape(-1, logits.shape[-1])
         _, nll = self.nll_kernels.lse_and_nll(flat, labels.reshape(-1), IGNORE_INDEX)
-        return nll.view(labels.shape)
+        return nll.view(labels.shape).clone()  # not a view (see chunked_nll)
 
     def _vocab_parallel_nll(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, linears: list[nn.Linear]
