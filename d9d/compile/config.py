@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from d9d.core.config_errors import validation_problems
+
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -269,11 +271,4 @@ def load_compile_config(path_or_preset_name: str | Path) -> CompileConfig:
     try:
         return CompileConfig.model_validate({**data, "name": path.stem})
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "<root>"
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
-            else:
-                problems.append(f"key '{key}': {error['msg']}")
-        raise ValueError(f"{path}: invalid compile config: " + "; ".join(problems)) from err
+        raise ValueError(f"{path}: invalid compile config: {validation_problems(err)}") from err

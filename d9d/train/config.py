@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from d9d.core.config_errors import validation_problems
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -312,11 +314,4 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "<root>"
-            if error["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
-            else:
-                problems.append(f"key '{key}': {error['msg']}")
-        raise ValueError(f"{source}: invalid training config: " + "; ".join(problems)) from err
+        raise ValueError(f"{source}: invalid training config: {validation_problems(err)}") from err
