@@ -43,6 +43,19 @@ VOCAB = 96  # the default two splits: text 80 + special 16
 TINY = dict(hidden_size=64, intermediate_size=72, num_attention_heads=4, head_dim=16)
 
 
+# The model of the spawned multi-rank scenarios: 4 layers (so 2 pipeline stages of 2),
+# tiny enough for gloo on two cores.
+DIST_MODEL_KW = dict(
+    num_hidden_layers=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_ids=32,
+)
+
+
 def small_model_params(
     num_hidden_layers: int = 4,
     split_vocab_size: dict[str, int] | None = None,

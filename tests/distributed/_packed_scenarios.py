@@ -18,20 +18,12 @@ from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.stack import build_stage_modules
-from tests.helpers import guarded, small_causal_lm_params
+from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
 
 GLOBAL_BATCH = 8
 SEQ = 16
 VOCAB = 96
-MODEL_KW = dict(
-    num_hidden_layers=4,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_ids=64,
-)
+MODEL_KW = dict(DIST_MODEL_KW, max_position_ids=64)
 
 PACKED_LAYOUTS = {
     "pp=2 1f1b": dict(mesh=dict(pipeline_parallel=2), schedule="1f1b"),

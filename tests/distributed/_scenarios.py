@@ -30,20 +30,18 @@ from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.stack import build_stage_modules
-from tests.helpers import fresh_subdir, guarded, small_causal_lm_params, small_classification_params
+from tests.helpers import (
+    DIST_MODEL_KW,
+    fresh_subdir,
+    guarded,
+    small_causal_lm_params,
+    small_classification_params,
+)
 
 GLOBAL_BATCH = 8
 SEQ = 8
 VOCAB = 96  # the conftest default splits: text 80 + special 16
-MODEL_KW = dict(
-    num_hidden_layers=4,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_ids=32,
-)
+MODEL_KW = DIST_MODEL_KW
 
 
 def _model_params(kind: str):

@@ -20,18 +20,10 @@ from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.train.grad_norm import clip_grad_norm_
-from tests.helpers import guarded, small_causal_lm_params
+from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 8, 96
-PARAMS = dict(
-    num_hidden_layers=4,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    max_position_ids=32,
-)
+PARAMS = DIST_MODEL_KW
 INF = float("inf")
 MAX_NORM = 0.05  # far below the norm, so clipping really scales every gradient
 
