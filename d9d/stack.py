@@ -46,7 +46,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 )
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
-    check_compile_config_for_tensor_parallel,
+    check_checkpointing_for_tensor_parallel,
 )
 from d9d.pipelining.api import PipelineStageInfo
 
@@ -170,8 +170,11 @@ def build_stage_modules(
     device = torch.device(device) if device is not None else _default_device(dist_context)
     compute_dtype = fsdp.torch_param_dtype() or param_dtype
     if dist_context is not None:
-        check_compile_config_for_tensor_parallel(
-            compile_config, dist_context.params.tensor_parallel
+        check_checkpointing_for_tensor_parallel(
+            compile_config.activation_checkpointing.mode,
+            compile_config.compile.enabled,
+            dist_context.params.tensor_parallel,
+            f"compile config {compile_config.name!r}",
         )
     infos = [PipelineStageInfo(stage, num_stages) for stage in stage_ids]
     modules, reports = [], []

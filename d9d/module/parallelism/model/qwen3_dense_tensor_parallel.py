@@ -46,7 +46,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from d9d.compile import CompileConfig, get_compile_report
 from d9d.core.dist_context import DENSE_DOMAIN, DistributedContext
 from d9d.module.model.qwen3_dense import (
     Qwen3DenseForCausalLM,
@@ -105,8 +104,10 @@ def validate_tensor_parallel(model: nn.Module, tensor_parallel: int) -> None:
             )
 
 
-def check_compile_config_for_tensor_parallel(config: CompileConfig, tensor_parallel: int) -> None:
-    """Raises ``ValueError`` for compile presets that cannot run under tensor parallelism.
+def check_checkpointing_for_tensor_parallel(
+    mode: str, compiled: bool, tensor_parallel: int, what: str
+) -> None:
+    """Raises ``ValueError`` for checkpoint modes that cannot compile under tensor parallelism.
 
     On torch 2.13, a compiled layer holding DTensor collectives fails with two
     checkpoint modes: ``"full"`` (AOTAutograd saves the ``DeviceMesh`` among the
@@ -116,13 +117,14 @@ def check_compile_config_for_tensor_parallel(config: CompileConfig, tensor_paral
     work.
 
     Args:
-        config: The compile preset.
+        mode: The activation-checkpoint mode (``"none"``, ``"full"``, ...).
+        compiled: Whether the layers are compiled.
         tensor_parallel: The tensor-parallel degree (nothing is refused at 1).
+        what: Names the setting in the message (e.g. ``"compile config 'x'"``).
     """
-    mode = config.activation_checkpointing.mode
-    if tensor_parallel > 1 and config.compile.enabled and mode in ("full", "memory_budget"):
+    if tensor_parallel > 1 and compiled and mode in ("full", "memory_budget"):
         raise ValueError(
-            f"compile config {config.name!r}: activation_checkpointing.mode={mode!r} with "
+            f"{what}: activation_checkpointing.mode={mode!r} with "
             f"compile does not work under tensor parallelism (tensor_parallel="
             f"{tensor_parallel}) on torch {torch.__version__}: the compiled checkpoint cannot "
             "save or size the DeviceMesh of the DTensor collectives. Use a 'selective' "
@@ -250,13 +252,18 @@ def apply_tensor_parallel_qwen3_dense(
     if degree == 1 or model in _applied:
         return False
     validate_tensor_parallel(model, degree)
-    report = get_compile_report(model)
-    if report is not None:
-        # Compile preset applied first (the user's order): the TP hooks are traced at the
-        # first call, inside the checkpointed, compiled layer.
-        check_compile_config_for_tensor_parallel(report.config, degree)
     backbone = _backbone(model)
     layers = list(backbone.layers.values())
+    if layers:
+        # A compile preset applied first (the manual order) left its policy and compiled
+        # call on the layers; the TP hooks would be traced inside them at the first call.
+        policy = getattr(layers[0], "checkpoint_policy", None)
+        check_checkpointing_for_tensor_parallel(
+            policy.mode if policy is not None else "none",
+            getattr(layers[0], "_compiled_call_impl", None) is not None,
+            degree,
+            "the compile preset applied to this model",
+        )
     for layer in layers:
         _check_float8(layer, dist_context.device)
     mesh = dist_context.mesh_for(DENSE_DOMAIN)["tp"]
