@@ -13,6 +13,7 @@ import torch
 
 from d9d.core.checks import check_integer_ids
 from d9d.core.constants import IGNORE_INDEX
+from d9d.module.block.position_ids import check_position_ids
 from d9d.module.model.qwen3_dense.model import check_batch_shape
 from d9d.module.model.qwen3_dense.params import (
     Qwen3DenseForCausalLMParameters,
@@ -58,7 +59,8 @@ def validate_batch(
     position_ids = batch.get("position_ids")
     if position_ids is not None:
         check_integer_ids(position_ids, "position_ids")
-        _check_shape(position_ids, "position_ids", shape)
+        # The model's own shape/dtype rules; the range joins the single sync below.
+        check_position_ids(position_ids, *shape, backbone.max_position_ids, check_values=False)
         ranges.append(("position_ids", position_ids, 0, backbone.max_position_ids, None))
     for key in _MASK_KEYS:
         if batch.get(key) is not None:
