@@ -44,6 +44,7 @@ from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from d9d.compile import CompileConfig, CompileReport
+from d9d.core.log_filters import quiet_profiler_markers
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
@@ -206,6 +207,13 @@ def float8_summary(report: CompileReport | None) -> str | None:
     )
 
 
+def float8_gemms(report: CompileReport | None) -> str | None:
+    """``"emulated: no float8 GEMM on this device"`` / ``"native float8 GEMMs"`` (or ``None``)."""
+    if report is None or report.float8 is None:
+        return None
+    return report.float8.gemms
+
+
 def synthetic_batch(spec: BenchmarkSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``input_ids`` and ``labels`` of shape ``(batch_size, seq_len)``."""
     generator = torch.Generator().manual_seed(spec.seed)
@@ -232,6 +240,7 @@ class SingleProcessTrainer:
         )
         (model,) = stack.modules
         self.float8_summary = float8_summary(stack.reports[0])
+        self.float8_gemms = float8_gemms(stack.reports[0])
         self.module = model
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
@@ -282,6 +291,7 @@ def _trace(trainer: Trainer, spec: BenchmarkSpec, config_name: str, rank: int) -
     activities = [ProfilerActivity.CPU]
     if spec.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
+    quiet_profiler_markers()  # before kineto's first start: no USDT lines
     with profile(activities=activities, record_shapes=True) as prof:
         for index in range(spec.trace_steps):
             with record_function(f"train_step_{index}"):
@@ -367,6 +377,7 @@ def run_benchmark(
         precision=getattr(trainer, "precision", ""),
         float8=float8,
         float8_summary=getattr(trainer, "float8_summary", None),
+        float8_gemms=getattr(trainer, "float8_gemms", None),
         batch_size=spec.batch_size,
         seq_len=spec.seq_len,
         world_size=world_size,

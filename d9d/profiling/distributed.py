@@ -34,6 +34,7 @@ from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.profiling.benchmark import (
     BenchmarkSpec,
+    float8_gemms,
     float8_summary,
     iter_configs,
     make_adamw,
@@ -94,6 +95,7 @@ class DistributedTrainer:
         (model,) = stack.modules
         (stage,) = stack.infos
         self.float8_summary = float8_summary(stack.reports[0])
+        self.float8_gemms = float8_gemms(stack.reports[0])
         self.module = model
         if dist_context.is_main_process:
             # What tensor parallelism and FSDP2 save: the parameters this rank stores.

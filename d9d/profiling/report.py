@@ -32,6 +32,9 @@ class ProfileRecord(BaseModel):
         float8: Whether float8 linears were enabled.
         float8_summary: What the float8 conversion converted and kept in high precision,
             and why (``None`` without float8).
+        float8_gemms: ``"emulated: no float8 GEMM on this device"`` (the recipe's casts
+            and scales, GEMMs in the compute dtype) or ``"native float8 GEMMs"``
+            (``None`` without float8).
         batch_size: Sequences per step (per data-parallel rank).
         seq_len: Tokens per sequence.
         world_size: Number of processes.
@@ -84,6 +87,7 @@ class ProfileRecord(BaseModel):
     precision: str = ""
     float8: bool
     float8_summary: str | None = None
+    float8_gemms: str | None = None
     batch_size: int
     seq_len: int
     world_size: int
@@ -242,7 +246,8 @@ def table_footer(records: list[Record], notes: list[str] | tuple[str, ...] = ())
         )
         for rec in measured:
             if rec.float8_summary:
-                lines.append(f"float8 ({rec.config}): {rec.float8_summary}")
+                gemms = f" ({rec.float8_gemms})" if rec.float8_gemms else ""
+                lines.append(f"float8{gemms} in {rec.config}: {rec.float8_summary}")
     skipped = [rec for rec in records if isinstance(rec, SkippedRecord)]
     if skipped and not measured:
         lines.append("")

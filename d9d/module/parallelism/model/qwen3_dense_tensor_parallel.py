@@ -27,8 +27,9 @@ On the ``tp`` dim of the dense mesh, per pipeline stage:
 Between pipeline stages the hidden states travel whole (plain tensors, the same on every
 TP rank): the receiving stage takes its sequence shard without communication.
 
-Float8 linears use torchao's float8 tensor-parallel styles, which need CUDA; on the CPU a
-float8 preset under tensor parallelism is refused.
+Float8 linears use torchao's float8 tensor-parallel styles, which need CUDA and native
+float8 GEMMs; on the CPU, or with emulated float8 GEMMs, a float8 preset under tensor
+parallelism is refused.
 """
 
 import inspect
@@ -133,7 +134,8 @@ def check_checkpointing_for_tensor_parallel(
 
 
 def _is_float8(module: nn.Module) -> bool:
-    return type(module).__name__ == "Float8Linear"
+    # By name (torchao's Float8Linear or a subclass): importing d9d must not import torchao.
+    return any(cls.__name__ == "Float8Linear" for cls in type(module).__mro__)
 
 
 def _check_float8(layer: nn.Module, device: torch.device) -> None:
@@ -143,6 +145,15 @@ def _check_float8(layer: nn.Module, device: torch.device) -> None:
             f"float8 linears ({', '.join(float8[:3])}, ...) under tensor parallelism need "
             f"torchao's float8 tensor-parallel styles, which run on CUDA only (device is "
             f"{device.type!r}); use a compile preset without float8, or tensor_parallel=1"
+        )
+    emulated = [
+        name for name, m in layer.named_modules() if type(m).__name__ == "EmulatedFloat8Linear"
+    ]
+    if emulated:
+        raise ValueError(
+            f"float8 linears ({', '.join(emulated[:3])}, ...) run emulated GEMMs here (this "
+            "GPU has no float8 GEMM), which torchao's float8 tensor-parallel styles do not "
+            "support; use a compile preset without float8, or tensor_parallel=1"
         )
 
 
