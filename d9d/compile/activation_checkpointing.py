@@ -19,6 +19,7 @@ Policies:
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch.utils.checkpoint import (
 )
 
 from d9d.compile.config import ActivationCheckpointingSection, resolve_op
+from d9d.core.log_filters import install_log_filter
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
 
 _MM = torch.ops.aten.mm.default
@@ -129,6 +131,30 @@ class CheckpointedQwen3DenseLayer(Qwen3DenseLayer):
         return checkpoint(layer_forward, *args, use_reentrant=False)
 
 
+def _compiling_a_checkpointed_layer() -> bool:
+    # The compile of a layer runs inside that layer's call: one of the frames below is
+    # a method of the layer (``Module._wrapped_call_impl``) with the layer as ``self``.
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), CheckpointedQwen3DenseLayer):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _quiet_context_fn_warning() -> None:
+    # torch.compile warns once per process that a checkpoint with ``context_fn`` (the
+    # selective policy) must not contain in-place ops. The layer's forward has none (it
+    # is the model's plain, out-of-place code), so for these layers the warning says
+    # nothing. It is dropped only while one of them compiles; torch emits it once per
+    # process, so a user's own region still gets it if it compiles first.
+    install_log_filter(
+        "torch._higher_order_ops.wrap",
+        r"Detected that context_fn is passed to torch.utils.checkpoint under torch.compile",
+        when=_compiling_a_checkpointed_layer,
+    )
+
+
 def apply_activation_checkpointing(
     layers: list[Qwen3DenseLayer], section: ActivationCheckpointingSection
 ) -> LayerCheckpointPolicy | None:
@@ -144,6 +170,8 @@ def apply_activation_checkpointing(
     if section.mode == "none":
         return None
     policy = LayerCheckpointPolicy.from_config(section)
+    if section.mode == "selective":
+        _quiet_context_fn_warning()
     for layer in layers:
         if type(layer) is not Qwen3DenseLayer:
             raise ValueError(

@@ -23,6 +23,8 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from d9d.core.log_filters import quiet_profiler_markers
+
 CUDA_MEMORY_SOURCE = "cuda: torch.cuda.max_memory_allocated over the measured steps"
 CPU_MEMORY_SOURCE = (
     "cpu (measured substitute): live params/grads/buffers/optimizer state + peak net "
@@ -103,6 +105,7 @@ def _profiled_net_bytes(fn: Callable[[], object], device: torch.device) -> tuple
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
+    quiet_profiler_markers()  # before kineto's first start: no USDT lines
     with profile(activities=activities, profile_memory=True) as prof:
         result = fn()
     events = []

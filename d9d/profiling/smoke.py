@@ -212,6 +212,7 @@ def check_fp32_attention(seq_len: int = 4096, batch: int = 1, device: str = "cud
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from d9d.core.log_filters import quiet_profiler_markers
     from d9d.module.block.attention import GroupedQueryAttention
 
     target = torch.device(device)
@@ -221,6 +222,7 @@ def check_fp32_attention(seq_len: int = 4096, batch: int = 1, device: str = "cud
     sin = torch.zeros(batch, seq_len, 128, device=target)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
+    quiet_profiler_markers()  # before kineto's first start: no USDT lines
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         attention(hidden, (cos, sin)).sum().backward()
     ops = {event.key for event in prof.key_averages()}
