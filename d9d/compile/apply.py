@@ -154,8 +154,9 @@ def apply_compile_config(
         report.steps.append("activation_checkpointing")
     if config.compile.enabled:
         logger.info(
-            "step 3/3: regional torch.compile (backend=%s, fullgraph=%s)",
+            "step 3/3: regional torch.compile (backend=%s, mode=%s, fullgraph=%s)",
             config.compile.backend,
+            config.compile.mode,
             config.compile.fullgraph,
         )
         compile_layers(layers, config.compile)

@@ -9,10 +9,17 @@ dotted key of every error.
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from d9d.core.config_errors import validation_problems
 
@@ -64,6 +71,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def inductor_modes() -> list[str]:
+    """The ``torch.compile`` modes this torch knows (``torch._inductor.list_mode_options``)."""
+    import torch._inductor
+
+    return list(torch._inductor.list_mode_options())
+
+
+def inductor_options() -> set[str]:
+    """The inductor option names this torch knows (``torch._inductor.list_options``)."""
+    import torch._inductor
+
+    return set(torch._inductor.list_options())
+
+
 class CompileSection(_Section):
     """``[compile]``: regional ``torch.compile`` of every ``Qwen3DenseLayer``.
 
@@ -73,12 +94,101 @@ class CompileSection(_Section):
         fullgraph: Fail on any graph break instead of silently splitting the layer.
         dynamic: ``torch.compile``'s ``dynamic``; ``None`` compiles static shapes first
             and turns dynamic on the first shape change (one recompile in all).
+        mode: ``torch.compile``'s ``mode``, one of torch's own list
+            (``torch._inductor.list_mode_options()``: ``"default"``,
+            ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``, ...). Inductor only.
+        options: Inductor options (``torch._inductor.list_options()``), e.g.
+            ``{"max_autotune_gemm_backends" = "CPP,ATEN"}``; applied on top of ``mode``'s.
+            Inductor only.
+        optimizer: Also compile the optimizer step (``d9d.compile.optimizer``): one
+            fused kernel over all parameters, the learning rate a tensor so that the
+            schedule changes it without a recompile. Read by the training loop and the
+            harness, which build the optimizer.
     """
 
     enabled: bool = False
     backend: str = "inductor"
     fullgraph: bool = True
     dynamic: bool | None = None
+    mode: str = "default"
+    options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: bool = True
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        modes = inductor_modes()
+        if mode not in modes:
+            raise ValueError(
+                f"{mode!r} is not a torch.compile mode of torch {torch.__version__} "
+                f"(known: {', '.join(modes)})"
+            )
+        return mode
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _flatten_dotted_names(cls, options: Any) -> Any:
+        # TOML reads `cpp.simdlen = 8` as {"cpp": {"simdlen": 8}}; inductor names it
+        # "cpp.simdlen". A table that is itself an option's name stays a value.
+        if not isinstance(options, dict):
+            return options
+        known = inductor_options()
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and prefix not in known:
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}", inner)
+            else:
+                flat[prefix] = value
+
+        for key, value in options.items():
+            walk(key, value)
+        return flat
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(options) - inductor_options())
+        if unknown:
+            names = ", ".join(f"'options.{name}'" for name in unknown)
+            raise ValueError(
+                f"unknown inductor option {names} (torch {torch.__version__}; the known "
+                "names are torch._inductor.list_options())"
+            )
+        return options
+
+    @model_validator(mode="after")
+    def _inductor_settings_need_inductor(self) -> "CompileSection":
+        if (self.options or self.mode != "default") and self.backend != "inductor":
+            raise ValueError(
+                f"mode and options are inductor settings, but backend is {self.backend!r}"
+            )
+        return self
+
+    @property
+    def compiles_optimizer(self) -> bool:
+        """Whether the optimizer step is compiled (``optimizer`` under an enabled compile)."""
+        return self.enabled and self.optimizer
+
+    def torch_compile_kwargs(self) -> dict[str, Any]:
+        """``backend``/``fullgraph``/``dynamic`` plus the mode and options for ``torch.compile``.
+
+        ``torch.compile`` takes a mode or options, not both: the mode's own options
+        (``torch._inductor.list_mode_options(mode)``) are merged under the preset's.
+        """
+        kwargs: dict[str, Any] = {
+            "backend": self.backend,
+            "fullgraph": self.fullgraph,
+            "dynamic": self.dynamic,
+        }
+        if self.options:
+            import torch._inductor
+
+            kwargs["options"] = {**torch._inductor.list_mode_options(self.mode), **self.options}
+        elif self.mode != "default":
+            kwargs["mode"] = self.mode
+        return kwargs
 
 
 class ActivationCheckpointingSection(_Section):

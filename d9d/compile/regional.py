@@ -27,8 +27,9 @@ def compile_layers(layers: list[Qwen3DenseLayer], section: CompileSection) -> No
     """
     if not section.enabled:
         return
+    kwargs = section.torch_compile_kwargs()
     for layer in layers:
-        layer.compile(backend=section.backend, fullgraph=section.fullgraph, dynamic=section.dynamic)
+        layer.compile(**kwargs)
 
 
 def compile_loss_kernels(model: nn.Module, section: CompileSection) -> bool:

@@ -93,6 +93,8 @@ def test_unknown_keys_are_rejected_with_file_and_key(tmp_path, text, key):
         ),
         ("[fsdp]\nparam_dtype = 'float64'\n", "fsdp.param_dtype"),
         ("[compile]\nenabled = 'yes please'\n", "compile.enabled"),
+        ("[compile]\nenabled = true\nmode = 'max-autotune-fast'\n", "compile.mode"),
+        ("[compile]\noptions = { max_autotun = true }\n", "compile.options"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key):
@@ -120,6 +122,43 @@ def test_inconsistent_configs_are_rejected(tmp_path, text, message):
     path = _write(tmp_path, text)
     with pytest.raises(ValueError, match=message):
         load_compile_config(path)
+
+
+def test_compile_mode_and_options_are_torchs_own(tmp_path):
+    # The mode list and the option names come from torch itself, not from a copy.
+    path = _write(tmp_path, "[compile]\nenabled = true\nmode = 'max-autotune-fast'\n")
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs") as err:
+        load_compile_config(path)
+    assert "reduce-overhead" in str(err.value)  # the message lists the known modes
+    path = _write(tmp_path, "[compile]\noptions = { max_autotun = true, cpp.simdlen = 8 }\n")
+    with pytest.raises(ValueError, match=r"unknown inductor option 'options\.max_autotun'\ "):
+        load_compile_config(path)  # cpp.simdlen (a dotted TOML key) is known
+    path = _write(tmp_path, "[compile.options]\nmax_autotune = true\ncpp.simdlen = 8\n")
+    assert load_compile_config(path).compile.options == {"max_autotune": True, "cpp.simdlen": 8}
+    path = _write(tmp_path, "[compile]\nbackend = 'aot_eager'\nmode = 'max-autotune'\n")
+    with pytest.raises(ValueError, match="inductor settings"):
+        load_compile_config(path)
+
+
+def test_mode_and_options_reach_torch_compile_together():
+    # torch.compile refuses mode= and options= at once: the mode's options are merged.
+    section = CompileConfig(
+        compile={
+            "enabled": True,
+            "mode": "max-autotune-no-cudagraphs",
+            "options": {"cpp.simdlen": 8},
+        }
+    ).compile
+    kwargs = section.torch_compile_kwargs()
+    assert "mode" not in kwargs
+    assert kwargs["options"] == {
+        "max_autotune": True,
+        "coordinate_descent_tuning": True,
+        "cpp.simdlen": 8,
+    }
+    plain = CompileConfig(compile={"enabled": True, "mode": "reduce-overhead"}).compile
+    assert plain.torch_compile_kwargs()["mode"] == "reduce-overhead"
+    assert "mode" not in CompileConfig().compile.torch_compile_kwargs()
 
 
 def test_missing_file_is_a_value_error(tmp_path):
