@@ -8,8 +8,9 @@ One call of :func:`run_benchmark` benchmarks one compile preset on a fresh model
    ``to_empty`` + ``reset_parameters()`` — the same order as the training stack;
 3. ``warmup`` steps run (the first one compiles and is timed on its own), then ``steps``
    measured steps. A step is: forward, ``loss.backward()``, ``optimizer.step()``,
-   ``optimizer.zero_grad(set_to_none=True)``, with AdamW on its fused path (foreach where
-   fused is unavailable);
+   ``optimizer.zero_grad(set_to_none=True)``, with AdamW compiled under a compile preset
+   (``[compile] optimizer``, ``d9d.compile.optimizer``), else on its fused path (foreach
+   where fused is unavailable);
 4. memory is read (CUDA statistics, or the CPU substitute of ``memory.py``); an optional
    ``torch.profiler`` Chrome trace covers a few more steps.
 
@@ -44,6 +45,7 @@ from torch._inductor.utils import fresh_cache
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from d9d.compile import CompileConfig, CompileReport
+from d9d.compile.optimizer import build_adamw
 from d9d.core.log_filters import quiet_profiler_markers
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
@@ -171,18 +173,16 @@ class Trainer(Protocol):
         ...
 
 
-def make_adamw(params, lr: float = 1e-4) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW on its fused path, or foreach where fused is unavailable.
+def make_adamw(
+    params, lr: float = 1e-4, *, compile_config: CompileConfig | None = None
+) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW as the preset asks: compiled under a compile preset, else fused (or foreach).
 
     Returns:
         The optimizer and a label of the path taken (for the report).
     """
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, fused=True), "AdamW(fused)"
-    except (RuntimeError, ValueError):
-        # fused needs every parameter on a device/dtype its kernel supports.
-        return torch.optim.AdamW(params, lr=lr, foreach=True), "AdamW(foreach)"
+    section = (compile_config or CompileConfig()).compile
+    return build_adamw(params, lr=lr, compiled=section.compiles_optimizer, backend=section.backend)
 
 
 def float8_summary(report: CompileReport | None) -> str | None:
@@ -242,7 +242,9 @@ class SingleProcessTrainer:
         self.float8_summary = float8_summary(stack.reports[0])
         self.float8_gemms = float8_gemms(stack.reports[0])
         self.module = model
-        optimizer, self.optimizer_label = make_adamw(model.parameters())
+        optimizer, self.optimizer_label = make_adamw(
+            model.parameters(), compile_config=compile_config
+        )
         self.optimizers = [optimizer]
         self.input_ids, self.labels = synthetic_batch(spec)
 

@@ -105,7 +105,9 @@ class DistributedTrainer:
                 file=sys.stderr,
                 flush=True,
             )
-        optimizer, self.optimizer_label = make_adamw(model.parameters())
+        optimizer, self.optimizer_label = make_adamw(
+            model.parameters(), compile_config=compile_config
+        )
         self.optimizers = [optimizer]
         # Each data-parallel rank reads its own samples; pipeline peers read the same.
         shard_spec = dataclasses.replace(spec, seed=spec.seed + dist_context.dp_rank)

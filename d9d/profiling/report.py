@@ -220,10 +220,18 @@ def table_footer(records: list[Record], notes: list[str] | tuple[str, ...] = ())
         lines.append("")
         per_rank = " per data-parallel rank" if first.world_size > 1 else ""
         precision = f" ({first.precision})" if first.precision else ""
+        by_optimizer: dict[str, list[str]] = {}
+        for rec in measured:
+            by_optimizer.setdefault(rec.optimizer, []).append(rec.config)
+        optimizers = (
+            first.optimizer
+            if len(by_optimizer) == 1
+            else "; ".join(f"{name} ({', '.join(cfgs)})" for name, cfgs in by_optimizer.items())
+        )
         lines.append(
             f"model {first.model_preset}, batch {first.batch_size}{per_rank} x seq "
             f"{first.seq_len}, {first.dtype}{precision}, {first.device} ({first.device_name}), "
-            f"world size {first.world_size}, threads {first.num_threads}, {first.optimizer}; "
+            f"world size {first.world_size}, threads {first.num_threads}, {optimizers}; "
             "rates are per device"
         )
         lines.append(

@@ -200,6 +200,9 @@ class TrainConfig(_Section):
         seed: Seeds the model initialisation, the data order and every RNG.
         output_dir: Metrics (``metrics.jsonl``), checkpoints, plots and exports.
         compile_preset: A preset of ``compile_configs/`` (or a TOML path).
+        compile_optimizer: Compile the AdamW step (one fused kernel, the learning rate a
+            tensor: no recompile when the schedule moves it). ``None``: the preset's
+            ``[compile] optimizer`` (on with every compile preset, off with ``eager``).
         mixed_precision: ``"bf16"``: fp32 parameters and optimizer state, bf16 compute,
             fp32 gradient reduction; ``"fp32"``: everything fp32; ``"pure_bf16"``: bf16
             parameters, optimizer state and gradients (cheaper, less accurate).
@@ -220,6 +223,7 @@ class TrainConfig(_Section):
     seed: int = 0
     output_dir: str = "runs/default"
     compile_preset: str = "eager"
+    compile_optimizer: bool | None = None
     mixed_precision: Literal["bf16", "fp32", "pure_bf16"] = "fp32"
     log_interval: int = Field(default=1, ge=1)
     num_threads: int | None = Field(default=None, ge=1)

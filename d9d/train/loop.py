@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from d9d.compile import load_compile_config
+from d9d.compile.optimizer import CompiledAdamW
 from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
 from d9d.module.model.qwen3_dense import (
@@ -267,16 +268,16 @@ class Trainer:
         )
         self.modules = list(self.stages.modules)
         opt = config.optimizer
+        hyper = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+        compiled = compile_config.compile.compiles_optimizer
+        if config.compile_optimizer is not None:
+            compiled = config.compile_optimizer
         # One optimizer (and scheduler) per stage module: the checkpoint then maps each
         # module's flattened optimizer state by its parameters' names.
         self.optimizers = [
-            torch.optim.AdamW(
-                module.parameters(),
-                lr=opt.lr,
-                betas=opt.betas,
-                eps=opt.eps,
-                weight_decay=opt.weight_decay,
-            )
+            CompiledAdamW(module.parameters(), backend=compile_config.compile.backend, **hyper)
+            if compiled
+            else torch.optim.AdamW(module.parameters(), **hyper)
             for module in self.modules
         ]
         lr = config.lr

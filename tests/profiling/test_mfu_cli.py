@@ -87,6 +87,8 @@ def test_prints_the_table_and_progress(run_result):
     for column in ("median step s", "graph breaks", "recompiles"):
         assert column in header
     assert "(vs float32)" in proc.stdout  # the float8 row, against its compute dtype
+    assert "float8 (emulated: no float8 GEMM on this device) in eager_float8" in proc.stdout
+    assert "AdamW(fused) (eager, eager_float8); AdamW(compiled) (compile)" in proc.stdout
     assert "includes compile into an empty inductor cache" in proc.stdout
     # One progress line per step on stderr: (warmup + steps) per config.
     assert proc.stderr.count("] step ") == 3 * 3
@@ -127,6 +129,11 @@ def test_json_records_are_complete_and_consistent(run_result):
         assert math.isfinite(rec["loss_first"]) and abs(rec["loss_first"] - math.log(512)) < 1.0
     eager, compiled, float8 = records
     assert eager["compiled_graphs"] == 0 and compiled["compiled_graphs"] >= 1
+    # Compile presets compile the AdamW step too (no graph break, no recompile: above).
+    assert compiled["optimizer"] == "AdamW(compiled)" and eager["optimizer"] == "AdamW(fused)"
+    # float8 on a CPU: emulated, and said so.
+    assert float8["float8_gemms"] == "emulated: no float8 GEMM on this device"
+    assert eager["float8_gemms"] is None
     assert not eager["float8"] and float8["float8"]
     # float8 is measured against the dtype the run otherwise computes in (float32 here).
     assert float8["peak_flops_dtype"] == "float32" and eager["peak_flops_dtype"] == "float32"

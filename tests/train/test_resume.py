@@ -108,6 +108,15 @@ def test_exact_resume_one_process(setup):
     _straight_then_killed_then_resumed(workdir, items, "one", 1, [])
 
 
+def test_exact_resume_with_the_compiled_optimizer(setup):
+    # The compiled AdamW step keeps plain floats in its param groups and scheduler: the
+    # checkpoint and the resume are those of eager AdamW, and just as exact.
+    workdir, items = setup
+    _straight_then_killed_then_resumed(
+        workdir, items, "compiled_adamw", 1, ["compile_optimizer=true"]
+    )
+
+
 def test_exact_resume_pp2_x_dp2_and_into_one_process(setup):
     workdir, items = setup
     _straight_then_killed_then_resumed(workdir, items, "four", 4, FOUR)
