@@ -48,6 +48,14 @@ NATIVE_GEMMS = "native float8 GEMMs"
 """How reports name float8 that runs on the device's float8 GEMMs."""
 
 
+def is_float8_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a torchao float8 training linear (without importing torchao).
+
+    torchao's ``Float8Linear`` or a subclass of it (the emulated one included).
+    """
+    return any(cls.__name__ == "Float8Linear" for cls in type(module).__mro__)
+
+
 @dataclasses.dataclass
 class Float8Report:
     """What the float8 conversion did.

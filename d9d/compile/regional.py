@@ -30,6 +30,7 @@ def compile_layers(layers: list[Qwen3DenseLayer], section: CompileSection) -> No
     kwargs = section.torch_compile_kwargs()
     for layer in layers:
         layer.compile(**kwargs)
+        layer.is_compiled = True
 
 
 def compile_loss_kernels(model: nn.Module, section: CompileSection) -> bool:

@@ -1,10 +1,9 @@
 """The harness under ``torchrun``: FSDP2 per layer inside pipeline stages, per-device rates.
 
-Every rank builds its pipeline stage the way the training stack does (meta -> dtype ->
-compile preset -> ``parallelize_qwen3_dense_for_causal_lm`` -> ``to_empty`` +
-``reset_parameters()``), then the single-process measuring loop of ``benchmark.py``
-drives it: without pipelining a plain forward/backward (FSDP2 reduces the gradients),
-with ``pp > 1`` a 1F1B schedule over ``n_microbatches``.
+Every rank builds its pipeline stage with the training stack's builder and steps it
+through the one step object (``benchmark.HarnessTrainer``): without pipelining the single
+stage (FSDP2 reduces the gradients), with ``pp > 1`` a 1F1B schedule over
+``n_microbatches``; the single-process measuring loop of ``benchmark.py`` drives it.
 
 Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
 divided by the world size (tensor-parallel ranks work on the same tokens, so their
@@ -26,122 +25,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from d9d.compile import CompileConfig
-from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
-from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
-from d9d.profiling.benchmark import (
-    BenchmarkSpec,
-    float8_gemms,
-    float8_summary,
-    iter_configs,
-    make_adamw,
-    synthetic_batch,
-    with_precision,
-)
+from d9d.core.dist_context import DeviceMeshParameters
+from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer, iter_configs
 from d9d.profiling.peak import PeakFlops, resolve_peak_flops
 from d9d.profiling.report import ProfileRecord, Record
-from d9d.stack import build_stage_modules
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelLayout:
-    """How the harness splits the world under ``torchrun``.
-
-    Attributes:
-        pp: Pipeline stages.
-        dp_shard: FSDP shard degree.
-        dp_replicate: HSDP replicas.
-        tp: Tensor-parallel degree.
-        microbatches: Pipeline microbatches (``None``: one per stage).
-    """
-
-    pp: int = 1
-    dp_shard: int = 1
-    dp_replicate: int = 1
-    tp: int = 1
-    microbatches: int | None = None
-
-    @property
-    def world_size(self) -> int:
-        """The number of processes the layout needs."""
-        return self.pp * self.dp_shard * self.dp_replicate * self.tp
-
-
-class DistributedTrainer:
-    """This rank's pipeline stage, FSDP2-sharded, with its AdamW and its data shard."""
-
-    def __init__(
-        self,
-        spec: BenchmarkSpec,
-        dist_context: DistributedContext,
-        compile_config: CompileConfig,
-        n_microbatches: int,
-    ):
-        """Builds the stage with ``d9d.stack.build_stage_modules`` (+ 1F1B for ``pp > 1``).
-
-        Args:
-            spec: The run (``batch_size`` is per data-parallel rank).
-            dist_context: The distributed context.
-            compile_config: The compile preset.
-            n_microbatches: Pipeline microbatches (ignored without pipelining).
-        """
-        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
-        stack = build_stage_modules(
-            spec.params, compile_config, dist_context, param_dtype=param_dtype, seed=spec.seed
-        )
-        (model,) = stack.modules
-        (stage,) = stack.infos
-        self.float8_summary = float8_summary(stack.reports[0])
-        self.float8_gemms = float8_gemms(stack.reports[0])
-        self.module = model
-        if dist_context.is_main_process:
-            # What tensor parallelism and FSDP2 save: the parameters this rank stores.
-            local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
-            print(
-                f"parameter memory on rank 0: {local_bytes / 2**20:.2f} MiB (local shards)",
-                file=sys.stderr,
-                flush=True,
-            )
-        optimizer, self.optimizer_label = make_adamw(
-            model.parameters(), compile_config=compile_config
-        )
-        self.optimizers = [optimizer]
-        # Each data-parallel rank reads its own samples; pipeline peers read the same.
-        shard_spec = dataclasses.replace(spec, seed=spec.seed + dist_context.dp_rank)
-        input_ids, labels = synthetic_batch(shard_spec)
-        self.batch = {"input_ids": input_ids, "labels": labels}
-        self.dp_size = dist_context.dp_size
-        self.schedule = None
-        if dist_context.pp_size > 1:
-            self.schedule = build_pipeline_schedule(
-                dist_context, [model], [stage], self.batch, n_microbatches, CausalLMLoss()
-            )
-
-    def forward_backward(self) -> torch.Tensor | None:
-        """One step's forward and backward; the loss where this rank sees it."""
-        if self.schedule is not None:
-            result = self.schedule.step(self.batch)
-            return result.loss
-        out = self.module(**self.batch)
-        # Gradients are summed over data-parallel ranks, so normalise by the global token
-        # count (every rank holds the same number of valid tokens here): the gradient is
-        # then the single-device one, as under the pipeline schedule's loss.
-        loss = out["logps"].mean() / self.dp_size
-        loss.backward()
-        return loss.detach() * self.dp_size
-
-    def optimizer_step(self) -> None:
-        """AdamW step, then gradients to ``None``."""
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
@@ -178,8 +67,9 @@ def _merge(records: list[ProfileRecord]) -> ProfileRecord:
 def iter_distributed(
     spec: BenchmarkSpec,
     configs: Sequence[CompileConfig],
-    layout: ParallelLayout,
+    mesh: DeviceMeshParameters,
     *,
+    n_microbatches: int | None = None,
     peak_tflops: float | None = None,
 ) -> Iterator[Record]:
     """Benchmarks every config on every rank; yields the merged records on rank 0.
@@ -187,7 +77,8 @@ def iter_distributed(
     Args:
         spec: The run (``batch_size`` per data-parallel rank).
         configs: Compile presets, in order.
-        layout: The parallel layout.
+        mesh: The parallel layout.
+        n_microbatches: Pipeline microbatches (``None``: one per pipeline stage).
         peak_tflops: An explicit peak per device (``--peak-tflops``).
 
     Yields:
@@ -201,21 +92,17 @@ def iter_distributed(
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
             "--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
-            f"{layout.world_size} profiling/mfu.py ..."
+            f"{mesh.world_size} profiling/mfu.py ..."
         )
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
         dist.init_process_group("gloo")
-    dist_context = DeviceMeshParameters(
-        pipeline_parallel=layout.pp,
-        data_parallel_shard=layout.dp_shard,
-        data_parallel_replicate=layout.dp_replicate,
-        tensor_parallel=layout.tp,
-    ).build()
+    dist_context = mesh.build()
     device = dist_context.device
     spec = dataclasses.replace(spec, device=device)
-    n_microbatches = layout.microbatches or layout.pp
-    if layout.pp > 1 and spec.batch_size % n_microbatches:
+    pp = mesh.pipeline_parallel
+    n_microbatches = n_microbatches or pp
+    if pp > 1 and spec.batch_size % n_microbatches:
         raise ValueError(
             f"--batch-size {spec.batch_size} does not split into {n_microbatches} microbatches"
         )
@@ -235,7 +122,7 @@ def iter_distributed(
     records = iter_configs(
         spec,
         configs,
-        lambda config: DistributedTrainer(spec, dist_context, config, n_microbatches),
+        lambda config: HarnessTrainer(spec, config, dist_context, n_microbatches if pp > 1 else 1),
         peak_for,
         contain_failures=False,
         log=log,

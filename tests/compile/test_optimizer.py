@@ -133,7 +133,15 @@ def test_build_adamw_labels_the_path():
     assert build_adamw(_params(), lr=1e-3)[1] == "AdamW(fused)"
 
 
-def test_fsdp2_dtensor_parameters():
+@pytest.fixture
+def world_of_one():
+    # A mixed-precision preset starts a world-of-one process group: stop it afterwards.
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_dtensor_parameters(world_of_one):
     # A mixed-precision preset runs FSDP2 on a world of one: DTensor parameters and moments.
     from torch.distributed.tensor import DTensor
 
