@@ -7,12 +7,28 @@ library's own sources. Under ``torchrun`` the same command runs any supported la
 import argparse
 import sys
 
-from d9d.train.config import load_train_config
+from d9d.train.config import TrainConfig, config_reference, load_train_config
+
+_OUTPUTS = """\
+outputs (under output_dir, default {output_dir}; runs/ is ignored by git):
+  metrics.jsonl          one JSON line per logged step (loss, grad norm, lr, tokens/s, MFU)
+  checkpoints.jsonl      the time of each checkpoint save
+  checkpoints/step-N/    checkpoints: model, optimizer, LR scheduler, data cursor, RNG, step
+  token_cache/           the tokenized corpus (data.cache_dir), reused by later runs
+  hf/                    the trained model as an HF folder (checkpoint.export_hf)
+  curves.png             loss, LR and grad-norm curves (--plot)"""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m d9d.train", description="Train a Qwen3 Dense causal LM."
+        prog="python -m d9d.train",
+        description="Train a Qwen3 Dense causal LM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (TOML, every one optional; --set KEY=VALUE overrides one; "
+        "defaults shown):\n"
+        + config_reference()
+        + "\n\n"
+        + _OUTPUTS.format(output_dir=TrainConfig().output_dir),
     )
     parser.add_argument("--config", help="training config (TOML); defaults: the built-in run")
     parser.add_argument(

@@ -5,6 +5,9 @@ key of every error. With no file at all, the defaults describe the built-in run:
 byte-level model trained on the CPU on the Python standard library's own sources.
 """
 
+import inspect
+import re
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -203,7 +206,9 @@ class TrainConfig(_Section):
         compile_optimizer: Compile the AdamW step (one fused kernel, the learning rate a
             tensor: no recompile when the schedule moves it). ``None``: the preset's
             ``[compile] optimizer`` (on with every compile preset, off with ``eager``).
-        mixed_precision: ``"bf16"``: fp32 parameters and optimizer state, bf16 compute,
+        mixed_precision: ``"auto"``: ``"bf16"`` where the device multiplies bf16 faster
+            (GPUs, CPUs with bf16 matmul units; measured on a CPU), else ``"fp32"``; the
+            choice is printed. ``"bf16"``: fp32 parameters and optimizer state, bf16 compute,
             fp32 gradient reduction; ``"fp32"``: everything fp32; ``"pure_bf16"``: bf16
             parameters, optimizer state and gradients (cheaper, less accurate).
         log_interval: Print and record every this many steps.
@@ -224,7 +229,7 @@ class TrainConfig(_Section):
     output_dir: str = "runs/default"
     compile_preset: str = "eager"
     compile_optimizer: bool | None = None
-    mixed_precision: Literal["bf16", "fp32", "pure_bf16"] = "fp32"
+    mixed_precision: Literal["auto", "bf16", "fp32", "pure_bf16"] = "auto"
     log_interval: int = Field(default=1, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
     peak_tflops: float | None = Field(default=None, gt=0)
@@ -319,3 +324,66 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
         return TrainConfig.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{source}: invalid training config: {validation_problems(err)}") from err
+
+
+def _attribute_docs(cls: type[BaseModel]) -> dict[str, str]:
+    # The first sentence of each entry under "Attributes:" in the class docstring.
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    body = doc.split("Attributes:", 1)[1]
+    entries: dict[str, str] = {}
+    name = None
+    for line in body.splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            entries[name] = match.group(2)
+        elif name is not None and line.startswith("        "):
+            entries[name] += " " + line.strip()
+        elif line.strip():
+            name = None
+    return {key: text.replace("``", "") for key, text in entries.items()}
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def config_reference() -> str:
+    """Every config key with its default and its description, from the models.
+
+    Generated from :class:`TrainConfig` and its sections (their fields and docstrings),
+    so it cannot drift from what :func:`load_train_config` accepts.
+    """
+    lines = []
+    defaults = TrainConfig()
+
+    def section(cls: type[BaseModel], value: BaseModel, prefix: str) -> None:
+        docs = _attribute_docs(cls)
+        nested = []
+        for name in cls.model_fields:
+            current = getattr(value, name)
+            if isinstance(current, BaseModel):
+                nested.append((name, type(current), current))
+                continue
+            lines.append(f"  {prefix}{name} = {_toml_value(current)}")
+            lines.extend(
+                textwrap.wrap(
+                    docs.get(name, ""), 96, initial_indent=" " * 6, subsequent_indent=" " * 6
+                )
+            )
+        for name, sub_cls, sub_value in nested:
+            lines.append(f"  [{prefix}{name}]")
+            section(sub_cls, sub_value, f"{prefix}{name}.")
+
+    section(TrainConfig, defaults, "")
+    return "\n".join(lines)

@@ -48,7 +48,7 @@ from d9d.train.data import (
 )
 from d9d.train.grad_norm import clip_grad_norm_
 from d9d.train.lr import build_lr_scheduler
-from d9d.train.mixed_precision import apply_mixed_precision
+from d9d.train.mixed_precision import apply_mixed_precision, resolve_auto_mode
 from d9d.train.tokenizers import load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -253,8 +253,10 @@ class Trainer:
             f"({self.data.batches_per_epoch} batches per epoch)"
         )
 
+        mode, why = self._mixed_precision_mode()
+        self._log(f"precision: {why}")
         compile_config, param_dtype = apply_mixed_precision(
-            load_compile_config(config.compile_preset), config.mixed_precision
+            load_compile_config(config.compile_preset), mode
         )
         self.compile_config = compile_config
         init = "reset" if config.model.init == "scratch" else config.model.init
@@ -328,6 +330,15 @@ class Trainer:
         self._nonfinite_in_a_row = 0
 
     # -----------------------------------------------------------------------------------
+
+    def _mixed_precision_mode(self) -> tuple[str, str]:
+        mode = self.config.mixed_precision
+        if mode != "auto":
+            return mode, f"{mode} (mixed_precision in the config)"
+        # Rank 0 measures; every rank must train in the same precision.
+        choice = list(resolve_auto_mode(self.ctx.device)) if self.is_main else [None, None]
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0], f"{choice[1]} (mixed_precision = 'auto')"
 
     def _corpus(self, tokenizer) -> DocumentCorpus:
         data = self.config.data

@@ -11,6 +11,9 @@ stored in:
 * ``"fp32"``: everything in fp32 (the numerical reference).
 * pure (``"pure_bf16"``): parameters, gradients and optimizer state in the compute dtype:
   half the memory, less accurate updates (small updates round away).
+* ``"auto"`` (the training CLI's default, :func:`resolve_auto_mode`): ``"bf16"`` where
+  the device multiplies bf16 faster than fp32 (GPUs; CPUs with AMX or AVX-512-BF16),
+  ``"fp32"`` where bf16 is emulated (AVX2-only CPUs), as the harness's ``--dtype auto``.
 """
 
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch
 from d9d.compile import CompileConfig
 
 MixedPrecisionMode = Literal["bf16", "fp32", "pure_bf16"]
+AutoMixedPrecisionMode = Literal["auto", "bf16", "fp32", "pure_bf16"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,32 @@ def resolve_precision(
         label = f"mixed (preset): {compute} parameters, {cast} compute, {reduce} reduce"
         return Precision(config, compute_dtype, label)
     return Precision(config, compute_dtype, f"pure {compute}: parameters, optimizer and compute")
+
+
+def resolve_auto_mode(device: torch.device) -> tuple[MixedPrecisionMode, str]:
+    """What ``mixed_precision = "auto"`` means on ``device``, and why.
+
+    bf16 mixed precision where the device multiplies bf16 faster: on GPUs always; on a
+    CPU when its measured bf16 GEMM peak is not beaten by fp32's by 1.2x
+    (``d9d.profiling.peak.faster_cpu_dtype``, a few seconds, cached), else fp32.
+
+    Args:
+        device: The device the run trains on.
+
+    Returns:
+        The mode and one line saying why.
+    """
+    if device.type != "cpu":
+        return "bf16", f"bf16 mixed precision on {device.type} (bf16 tensor cores)"
+    from d9d.profiling.peak import faster_cpu_dtype, measure_cpu_matmul_peak
+
+    dtype, _ = faster_cpu_dtype()
+    # Cached by faster_cpu_dtype: these two calls measure nothing again.
+    bf16, fp32 = (measure_cpu_matmul_peak(d) / 1e12 for d in (torch.bfloat16, torch.float32))
+    peaks = f"(measured matmul peaks: bfloat16 {bf16:.3f}, float32 {fp32:.3f} TFLOP/s)"
+    if dtype == torch.bfloat16:
+        return "bf16", f"bf16 mixed precision: this CPU multiplies bf16 faster {peaks}"
+    return "fp32", f"fp32: this CPU multiplies fp32 faster than bf16 {peaks}"
 
 
 def apply_mixed_precision(

@@ -41,3 +41,29 @@ def test_bad_values_and_files(tmp_path):
         load_train_config(None, ["steps"])
     with pytest.raises(ValueError, match="needs 'paths'"):
         load_train_config(None, ["data.source=tokens"])
+
+
+def test_help_lists_every_key_with_its_default_and_the_outputs(capsys):
+    from pydantic import BaseModel
+
+    from d9d.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    # Every key of every section, from the models themselves (it cannot drift).
+    defaults = TrainConfig()
+    for name in TrainConfig.model_fields:
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            assert f"[{name}]" in text
+            for key in type(value).model_fields:
+                assert f"  {name}.{key} = " in text, key
+        else:
+            assert f"  {name} = " in text, name
+    assert '  mixed_precision = "auto"' in text and "  optimizer.lr = 0.003" in text
+    assert '  output_dir = "runs/default"' in text
+    assert "Optimizer steps." in text  # the key's description from its docstring
+    for output in ("metrics.jsonl", "checkpoints/step-N/", "hf/", "token_cache/"):
+        assert output in text

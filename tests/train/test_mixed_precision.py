@@ -26,3 +26,17 @@ def test_contradicting_preset_and_unknown_mode():
         apply_mixed_precision(preset, "bf16")
     with pytest.raises(ValueError, match="unknown mixed_precision 'fp8'"):
         apply_mixed_precision(CompileConfig(), "fp8")
+
+
+def test_auto_takes_the_dtype_the_device_multiplies_faster(monkeypatch):
+    from d9d.profiling import peak
+    from d9d.train.mixed_precision import resolve_auto_mode
+
+    mode, why = resolve_auto_mode(torch.device("cuda", 0))
+    assert mode == "bf16" and "cuda" in why
+    for bf16, fp32, expected in ((0.9e12, 0.2e12, "bf16"), (0.001e12, 0.1e12, "fp32")):
+        peaks = {torch.bfloat16: bf16, torch.float32: fp32}
+        monkeypatch.setattr(peak, "measure_cpu_matmul_peak", lambda dtype, p=peaks: p[dtype])
+        mode, why = resolve_auto_mode(torch.device("cpu"))
+        assert mode == expected, why
+        assert f"bfloat16 {bf16 / 1e12:.3f}, float32 {fp32 / 1e12:.3f} TFLOP/s" in why
