@@ -8,7 +8,10 @@
 # (qwen3-1.7b at 1 x 4096 tokens: eager, compile_sac, compile_sac_float8, JSON and a
 # Chrome trace), pure_bf16 (the pure-bf16 option), torchrun_1rank (the distributed path
 # on one rank), fp32_attention (fp32 GQA at 4096 tokens must not use SDPA's math
-# kernel; plus the harness in fp32), tests (the fast tests of the GPU-facing code).
+# kernel; plus the harness in fp32), compile_modes (compile_sac under the torch.compile
+# modes default / max-autotune-no-cudagraphs / reduce-overhead, each with the compiled
+# AdamW step), tests (the fast tests of the GPU-facing code). The compile presets of
+# every step compile the AdamW step too (the summary names the optimizer per config).
 # Each step has a time limit; its log, JSON records and exit status go to OUT_DIR, and
 # `python -m d9d.profiling.smoke summarize OUT_DIR` prints one summary to paste into the
 # README and exits non-zero on any failure (this script exits with its status).
@@ -29,7 +32,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention tests)
+ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention compile_modes tests)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 
@@ -85,8 +88,25 @@ step fp32_attention 150 fp32_attention.json bash -c "
     $PYTHON profiling/mfu.py --model qwen3-0.6b --num-layers 2 --batch-size 1 --seq-len 4096 \
         --steps 2 --warmup 1 --dtype float32 --no-mixed-precision --config eager \
         --json '$OUT/fp32_attention.json'"
-step tests 180 - "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+# compile_sac under each torch.compile mode (presets written to OUT). The shape can be
+# changed with SMOKE_MODES_SHAPE (the CPU-side test runs it on the tiny model).
+MODES_SHAPE=${SMOKE_MODES_SHAPE:---model qwen3-0.6b --num-layers 4 --batch-size 1 --seq-len 2048}
+if wanted compile_modes; then
+    for mode in default max-autotune-no-cudagraphs reduce-overhead; do
+        printf '# sac_%s: compile_sac under mode %s\n[compile]\nenabled = true\nmode = "%s"\n%s\n' \
+            "${mode//-/_}" "$mode" "$mode" \
+            '[activation_checkpointing]
+mode = "selective"
+save_every_other_matmul = true' > "$OUT/sac_${mode//-/_}.toml"
+    done
+fi
+# shellcheck disable=SC2086  # MODES_SHAPE is a list of flags
+step compile_modes 420 compile_modes.json "${MFU[@]}" $MODES_SHAPE --steps 3 --warmup 1 \
+    --config "$OUT/sac_default.toml" "$OUT/sac_max_autotune_no_cudagraphs.toml" \
+    "$OUT/sac_reduce_overhead.toml" --json "$OUT/compile_modes.json"
+step tests 300 - "$PYTHON" -m pytest -q -x -p no:cacheprovider \
     tests/module/block/test_sdpa_kernels.py tests/compile/test_float8_filter.py \
+    tests/compile/test_optimizer.py tests/compile/test_float8_emulated.py \
     tests/profiling/test_peak.py tests/profiling/test_config_loop.py tests/profiling/test_smoke.py
 
 "$PYTHON" -m d9d.profiling.smoke summarize "$OUT" | tee "$OUT/summary.md"

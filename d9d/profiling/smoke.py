@@ -176,11 +176,22 @@ def summarize(steps: list[StepResult]) -> tuple[str, bool]:
                 f"{ok[0]['world_size']}"
             )
         lines += _records_table(step.records)
+        if ok:
+            # Which AdamW each config ran (compiled under the compile presets) and its share.
+            lines.append(
+                "optimizer: "
+                + "; ".join(
+                    f"{rec['config']} {rec.get('optimizer', '?')} "
+                    f"{rec.get('optimizer_fraction', 0.0):.1%} of the step"
+                    for rec in ok
+                )
+            )
         for rec in step.records:
             if rec.get("status", "ok") != "ok":
                 lines.append(f"{rec['status']}: {rec['config']}: {rec.get('reason', '')}")
             elif rec.get("float8_summary"):
-                lines.append(f"float8 ({rec['config']}): {rec['float8_summary']}")
+                gemms = f", {rec['float8_gemms']}" if rec.get("float8_gemms") else ""
+                lines.append(f"float8 ({rec['config']}{gemms}): {rec['float8_summary']}")
     failed = [name for name, found in problems.items() if found]
     if failed:
         lines += ["", "### failures"]

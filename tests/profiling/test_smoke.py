@@ -109,6 +109,7 @@ def test_a_clean_run_summarises_every_number_and_passes(tmp_path):
     assert "| eager | 20,480 | 245.8 | 24.8% | 30.0 GiB | 41.5 | 0 | 0 |" in text
     assert "| compile_sac | 30,000 |" in text and "| 36.4% |" in text
     assert "| compile_sac_float8 | skipped | - |" in text
+    assert "optimizer: eager AdamW(fused) 5.0% of the step; compile_sac AdamW(fused)" in text
     assert f"skipped: compile_sac_float8: {float8_skip}" in text
     assert text.endswith("2/2 steps passed")
 
@@ -183,3 +184,28 @@ def test_the_script_records_a_failing_step_and_exits_non_zero(tmp_path):
     assert step.name == "env" and "no CUDA device" in step.log.read_text()
     assert "| env | FAILED |" in proc.stdout
     assert (tmp_path / "summary.md").read_text() == proc.stdout
+
+
+def test_the_compile_modes_step_runs_every_mode_with_the_compiled_optimizer(tmp_path):
+    # The GPU step itself, on this machine's device and the tiny model (the shape is the
+    # step's one knob): three compile modes written as presets, each a measured row.
+    proc = subprocess.run(
+        ["bash", str(REPO / "profiling" / "gpu_smoke.sh"), str(tmp_path), "compile_modes"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHON": sys.executable,
+            "SMOKE_MODES_SHAPE": "--model tiny --batch-size 2 --seq-len 64",
+        },
+    )
+    (step,) = smoke.read_steps(tmp_path)
+    assert step.returncode == 0, step.log.read_text()[-3000:]
+    assert proc.returncode == 0 and "| compile_modes | ok |" in proc.stdout
+    configs = [rec["config"] for rec in step.records]
+    assert configs == ["sac_default", "sac_max_autotune_no_cudagraphs", "sac_reduce_overhead"]
+    for rec in step.records:
+        assert rec["status"] == "ok" and rec["optimizer"] == "AdamW(compiled)"
+        assert (rec["graph_breaks"], rec["recompiles"]) == (0, 0)
+    assert "sac_reduce_overhead AdamW(compiled)" in proc.stdout
