@@ -2,8 +2,9 @@ r"""Where a compiled training step's time goes: share of the step and TFLOP/s pe
 
 Builds the model as the harness does (``d9d.profiling.benchmark.HarnessTrainer``: the
 training stack's builder, the compile preset, pure ``--dtype``), runs warm-up steps, then
-profiles forward + backward (no optimizer) of ``--steps`` steps with ``torch.profiler``
-and inductor's per-kernel ranges, and prints one Markdown table::
+profiles forward + backward (no optimizer) of ``--steps`` steps, each on its own, with
+``torch.profiler`` and inductor's per-kernel ranges, and prints one Markdown table for the
+fastest step::
 
     python profiling/op_breakdown.py                                  # cpu-small, compile
     python profiling/op_breakdown.py --model cpu-small --num-layers 6 --vocab-size 48000
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=384)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (fastest kept)")
     parser.add_argument("--warmup", type=int, default=2)
     return parser
 
@@ -85,8 +86,13 @@ def _classify_mm(event, tokens: int, vocab: int) -> tuple[str, float] | None:
     return "GEMM input grad grad @ W", flops
 
 
-def breakdown(args) -> str:
-    """Profiles the configured step; returns the Markdown table and its notes."""
+def measure(args) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Profiles the configured step.
+
+    Returns:
+        The fastest step's forward+backward seconds, and per op class its microseconds
+        and (GEMMs) FLOPs.
+    """
     preset = get_model_preset(args.model)
     overrides = {"num_hidden_layers": args.num_layers, "vocab_size": args.vocab_size}
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
@@ -119,28 +125,22 @@ def breakdown(args) -> str:
         trainer.forward_backward()
         trainer.optimizer_step()
     quiet_profiler_markers()
-    seconds = 0.0
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(args.steps):
+    # Each step is profiled on its own and the fastest one is reported: other processes
+    # on the machine only ever slow a step down.
+    best = None
+    for _ in range(args.steps):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
             trainer.forward_backward()
-            seconds += time.perf_counter() - start
-            with torch.profiler.record_function("optimizer (excluded)"):
-                trainer.optimizer_step()
+            seconds = time.perf_counter() - start
+        trainer.optimizer_step()
+        if best is None or seconds < best[0]:
+            best = (seconds, prof)
+    seconds, prof = best
     vocab = params.model.vocab_size
     time_us: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
-    in_optimizer = set()
     for event in prof.events():
-        if event.name == "optimizer (excluded)":
-            in_optimizer.add(event.id)
-    for event in prof.events():
-        parent, skip = event.cpu_parent, False
-        while parent is not None:
-            skip = skip or parent.id in in_optimizer
-            parent = parent.cpu_parent
-        if skip or event.name == "optimizer (excluded)":
-            continue
         name = event.name
         if name in ("aten::mm", "aten::addmm", "aten::bmm"):
             found = _classify_mm(event, tokens, vocab)
@@ -152,15 +152,23 @@ def breakdown(args) -> str:
             time_us["attention (SDPA fwd + bwd)"] += event.self_cpu_time_total
         elif name.startswith("cpp_fused") or "cpp_fused" in name:
             time_us["inductor fused kernels"] += event.self_cpu_time_total
+    time_us["other"] = max(0.0, seconds * 1e6 - sum(time_us.values()))
+    return seconds, dict(time_us), dict(flops)
+
+
+def breakdown(args) -> str:
+    """Profiles the configured step; returns the Markdown table and its notes."""
+    seconds, time_us, flops = measure(args)
+    time_us, flops = defaultdict(float, time_us), defaultdict(float, flops)
     total_us = seconds * 1e6
-    time_us["other"] = max(0.0, total_us - sum(time_us.values()))
-    peak = measure_cpu_matmul_peak(dtype)
+    peak = measure_cpu_matmul_peak(_DTYPES[args.dtype])
+    overrides = {"num_hidden_layers": args.num_layers, "vocab_size": args.vocab_size}
     lines = [
         "| op class | share of fwd+bwd | ms per step | TFLOP/s | % of GEMM peak |",
         "|---|---|---|---|---|",
     ]
     for name in _CLASSES:
-        ms = time_us[name] / 1e3 / args.steps
+        ms = time_us[name] / 1e3
         rate = flops[name] / (time_us[name] / 1e6) / 1e12 if flops[name] and time_us[name] else None
         lines.append(
             f"| {name} | {time_us[name] / total_us:.1%} | {ms:.1f} | "
@@ -174,8 +182,8 @@ def breakdown(args) -> str:
         "",
         f"model {args.model}{shape}, batch {args.batch_size} x seq {args.seq_len}, "
         f"{args.dtype}, preset {args.config}, {torch.get_num_threads()} threads; "
-        f"forward+backward {seconds / args.steps * 1e3:.1f} ms per step (mean of "
-        f"{args.steps} profiled, profiler on)",
+        f"forward+backward {seconds * 1e3:.1f} ms (the fastest of {args.steps} profiled "
+        "steps, profiler on)",
         f"all GEMMs: {gemm_flops / gemm_us / 1e6:.3f} TFLOP/s over {gemm_us / total_us:.0%} "
         f"of the step; measured {args.dtype} GEMM peak {peak / 1e12:.3f} TFLOP/s "
         "(best square matmul 512-2048)",
