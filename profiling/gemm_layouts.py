@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from d9d.profiling.model_presets import get_model_preset
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

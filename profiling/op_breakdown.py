@@ -18,7 +18,6 @@ measured as in the harness and printed with it.
 """
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections import defaultdict
@@ -29,9 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from d9d.compile import load_compile_config
 from d9d.core.log_filters import quiet_profiler_markers
+from d9d.metrics.cpu_peak import measure_cpu_matmul_peak
+from d9d.module.model.qwen3_dense.presets import preset_parameters
 from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer
-from d9d.profiling.model_presets import get_model_preset
-from d9d.profiling.peak import measure_cpu_matmul_peak
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _CLASSES = (
@@ -93,10 +92,9 @@ def measure(args) -> tuple[float, dict[str, float], dict[str, float]]:
         The fastest step's forward+backward seconds, and per op class its microseconds
         and (GEMMs) FLOPs.
     """
-    preset = get_model_preset(args.model)
-    overrides = {"num_hidden_layers": args.num_layers, "vocab_size": args.vocab_size}
-    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
-    params = preset.parameters()
+    params = preset_parameters(
+        args.model, num_hidden_layers=args.num_layers, vocab_size=args.vocab_size
+    )
     tokens = args.batch_size * args.seq_len
     layer = params.model.layer
     dims = {params.model.vocab_size, layer.hidden_size, layer.intermediate_size}

@@ -92,7 +92,7 @@ def resolve_auto_mode(device: torch.device) -> tuple[MixedPrecisionMode, str]:
 
     bf16 mixed precision where the device multiplies bf16 faster: on GPUs always; on a
     CPU when its measured bf16 GEMM peak is not beaten by fp32's by 1.2x
-    (``d9d.profiling.peak.faster_cpu_dtype``, a few seconds, cached), else fp32.
+    (``d9d.metrics.cpu_peak.faster_cpu_dtype``, a few seconds, cached), else fp32.
 
     Args:
         device: The device the run trains on.
@@ -102,7 +102,7 @@ def resolve_auto_mode(device: torch.device) -> tuple[MixedPrecisionMode, str]:
     """
     if device.type != "cpu":
         return "bf16", f"bf16 mixed precision on {device.type} (bf16 tensor cores)"
-    from d9d.profiling.peak import faster_cpu_dtype, measure_cpu_matmul_peak
+    from d9d.metrics.cpu_peak import faster_cpu_dtype, measure_cpu_matmul_peak
 
     dtype, _ = faster_cpu_dtype()
     # Cached by faster_cpu_dtype: these two calls measure nothing again.

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d9d.profiling.flops import training_flops_per_token
-from d9d.profiling.model_presets import get_model_preset
+from d9d.metrics.flops import training_flops_per_token
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "profiling"))
 import gemm_layouts

@@ -29,7 +29,7 @@ def test_contradicting_preset_and_unknown_mode():
 
 
 def test_auto_takes_the_dtype_the_device_multiplies_faster(monkeypatch):
-    from d9d.profiling import peak
+    from d9d.metrics import cpu_peak as peak
     from d9d.train.mixed_precision import resolve_auto_mode
 
     mode, why = resolve_auto_mode(torch.device("cuda", 0))
