@@ -5,7 +5,8 @@ the forward ``x @ W.T``, the input gradient ``grad @ W`` and the weight gradient
 ``grad.T @ x`` (a reduction over the tokens, with a transposed left operand). This times
 each at the model's sizes, plus two other layouts of the weight gradient: a contiguous
 copy of ``grad.T`` first (copy included), and ``(x.T @ grad).T``. Best of ``--repeats``
-(the question is what the kernel can reach; load from other processes only slows it)::
+rounds, the forms interleaved in each (the question is what the kernel can reach; load
+from other processes only slows it)::
 
     python profiling/gemm_layouts.py                        # cpu-small linears, 512 tokens
     python profiling/gemm_layouts.py --dtype float32 --tokens 1024
@@ -22,16 +23,6 @@ from d9d.module.model.qwen3_dense.presets import get_model_preset
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def gemm_forms(tokens: int, in_features: int, out_features: int, dtype, repeats: int) -> dict:
     """TFLOP/s of each form for one linear of ``in_features -> out_features``."""
     gen = torch.Generator().manual_seed(0)
@@ -46,7 +37,17 @@ def gemm_forms(tokens: int, in_features: int, out_features: int, dtype, repeats:
         "(x.T @ grad).T": lambda: (x.t() @ grad).t(),
     }
     flops = 2.0 * tokens * in_features * out_features
-    return {name: flops / _best_seconds(fn, repeats) / 1e12 for name, fn in forms.items()}
+    best = dict.fromkeys(forms, float("inf"))
+    for fn in forms.values():
+        fn()  # warm-up (oneDNN primitive creation, caches)
+    # Round robin: a burst of load from other processes hits every form alike, and the
+    # best of each form is taken over the rounds.
+    for _ in range(repeats):
+        for name, fn in forms.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: flops / seconds / 1e12 for name, seconds in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cpu-small")
     parser.add_argument("--tokens", type=int, default=512, help="batch x sequence")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     preset = get_model_preset(args.model)
     hidden, inter = preset.hidden_size, preset.intermediate_size

@@ -55,3 +55,16 @@ def test_gemm_layouts_time_every_form():
         "(x.T @ grad).T",
     ]
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_optimizer_step_times_every_implementation(capsys):
+    import optimizer_step
+
+    assert optimizer_step.main(["--model", "tiny", "--rounds", "1", "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "AdamW(fused)",
+        "AdamW(foreach)",
+        "AdamW(compiled)",
+    ]
+    assert all("GB/s" in line for line in lines)
