@@ -18,7 +18,7 @@ printed per device (tensor-parallel ranks share their tokens: FLOPs are divided 
 
 Progress goes to stderr (one line per step), the table to stdout, one row as soon as its
 config finishes (``--json`` is rewritten after each config too). A config this machine
-cannot run (float8 without torchao or on a GPU older than sm_89, ...) is a ``skipped``
+cannot run (float8 without torchao, ...) is a ``skipped``
 row with the reason; an out-of-memory or another failure inside one config is an
 ``out of memory`` / ``failed`` row, the other configs still run, and the exit status is
 1. A bad argument prints one ``error:`` line and exits with status 2.

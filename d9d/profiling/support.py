@@ -1,7 +1,8 @@
 """Whether this machine can run a compile preset at all, asked before anything is built.
 
-A preset that cannot run here (float8 without torchao or on a GPU older than sm_89, the
-``memory_budget`` checkpoint mode on a torch without the API) is shown by the harness
+A preset that cannot run here (float8 without torchao, the ``memory_budget`` checkpoint
+mode on a torch without the API; a device without float8 GEMMs runs float8 emulated, so
+it is no reason) is shown by the harness
 as a ``skipped`` row with the reason, instead of raising after the configs before it
 have run and losing their rows.
 """
