@@ -42,16 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         from d9d.train.plot import require_matplotlib
 
         require_matplotlib()
+    from d9d.checkpoint.training import CheckpointError
     from d9d.train.loop import Trainer
+    from d9d.train.stop import RunStopped
 
     try:
         trainer = Trainer(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.run()
-    if config.checkpoint.export_hf:
-        trainer.export_hf()
+    try:
+        trainer.run()
+        if config.checkpoint.export_hf:
+            trainer.export_hf()
+    except RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.plot and trainer.is_main:
         from d9d.train.plot import plot_metrics
 

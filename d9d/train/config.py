@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from d9d.core.config_errors import read_toml, validation_problems
 from d9d.core.dist_context import DeviceMeshParameters
@@ -155,6 +162,15 @@ class OptimizerSection(_Section):
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # AdamW's own check would only fire at the first step, without the key.
+        for beta in betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
 
 class LrSection(_Section):
     """``[lr]``: the learning-rate schedule (see ``d9d.train.lr``).
@@ -230,14 +246,31 @@ class CheckpointSection(_Section):
     Attributes:
         folder: Where checkpoints go (``None``: ``<output_dir>/checkpoints``).
         interval: Save every this many steps (0: only at the end).
-        keep_last: Keep this many complete checkpoints (older ones are deleted).
+        keep_last: Keep this many complete checkpoints of the live branch (older ones of
+            that branch are deleted, except the newest one whose step had a finite
+            gradient norm).
         save_final: Save after the last step.
-        resume: Resume from the latest complete checkpoint in ``folder`` if there is one.
-        resume_from: Resume from this checkpoint folder instead of the latest.
+        resume: Resume from the newest complete checkpoint of the branch that ran last,
+            if there is one. ``false`` with checkpoints in ``folder`` is refused (unless
+            ``overwrite``).
+        resume_from: Resume from this checkpoint folder instead; an older checkpoint than
+            its branch's newest starts a new branch (the newer ones stay untouched).
+        overwrite: With ``resume = false``: move the folder's checkpoints aside (into
+            ``<folder>/replaced-<time>/``) instead of refusing to start.
+        allow_changes: On resume, apply changed ``steps``, ``optimizer.*``, ``lr.*`` and
+            ``clip.*`` settings (the LR schedule is rebuilt for them from the resumed
+            step) instead of refusing to resume.
+        async_save: Stage checkpoints in CPU memory and write them in the background
+            while training goes on (DCP ``async_save``; one extra copy of the rank's
+            model and optimizer state in host memory while a save is in flight).
         export_hf: At the end, write an HF folder to ``<output_dir>/hf`` (needs the
             ``safetensors`` package, checked before the first step).
         kill_after_save: Testing aid: SIGKILL this process right after the checkpoint of
             this step is complete (simulates a crash).
+        kill_during_save: Testing aid: send ``kill_signal`` to this process while the
+            checkpoint of this step is being written (its files written, its manifest
+            not yet; with ``async_save`` once the next step has run).
+        kill_signal: Testing aid: the signal ``kill_during_save`` sends.
     """
 
     folder: str | None = None
@@ -246,8 +279,13 @@ class CheckpointSection(_Section):
     save_final: bool = True
     resume: bool = True
     resume_from: str | None = None
+    overwrite: bool = False
+    allow_changes: bool = False
+    async_save: bool = False
     export_hf: bool = True
     kill_after_save: int | None = Field(default=None, ge=1)
+    kill_during_save: int | None = Field(default=None, ge=1)
+    kill_signal: Literal["SIGKILL", "SIGTERM"] = "SIGKILL"
 
 
 class TrainConfig(_Section):

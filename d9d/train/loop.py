@@ -7,7 +7,10 @@ steps: data -> forward/backward (``d9d.pipelining.step.build_schedule``: a pipel
 schedule or the single stage, one loss normalisation) -> clipping by the global norm ->
 AdamW (skipped on a non-finite norm) -> LR schedule -> one log line and one JSON line in
 ``<output_dir>/metrics.jsonl`` -> checkpoint (its save time goes to
-``<output_dir>/checkpoints.jsonl``).
+``<output_dir>/checkpoints.jsonl``). Folders and free space are checked before the first
+step (``preflight``), the start or resume follows ``resume`` (lineage, verification,
+resume policy), and a stop for non-finite norms, a failed save or SIGTERM is a
+``RunStopped`` (``stop``).
 """
 
 import json
@@ -22,14 +25,14 @@ import torch
 import torch.distributed as dist
 
 from d9d.checkpoint.hf_export import export_hf_from_checkpoint
-from d9d.checkpoint.training import CheckpointManager
+from d9d.checkpoint.training import CheckpointError, CheckpointManager
 from d9d.compile import load_compile_config
 from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DistributedContext
 from d9d.dataset.corpus import DocumentCorpus
 from d9d.dataset.packed_batches import PackedBatches
 from d9d.dataset.text_files import tokenize_stdlib, tokenize_text_files
-from d9d.dataset.token_files import open_token_file
+from d9d.dataset.token_files import open_token_file, token_files_in
 from d9d.dataset.tokenizers import load_tokenizer
 from d9d.metrics.flops import training_flops_per_token
 from d9d.metrics.memory import process_peak_memory
@@ -41,6 +44,9 @@ from d9d.train.config import TrainConfig
 from d9d.train.grad_norm import clip_grad_norm_
 from d9d.train.lr import build_lr_scheduler
 from d9d.train.mixed_precision import apply_mixed_precision
+from d9d.train.preflight import check_free_space, prepare_folders
+from d9d.train.resume import start_or_resume
+from d9d.train.stop import RunStopped, SigtermGuard, Terminated
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
@@ -142,8 +148,7 @@ class Trainer:
                     "'d9d[hf]'), or set checkpoint.export_hf=false"
                 ) from err
         self.output_dir = Path(config.output_dir)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_folders(config)
         torch.manual_seed(config.seed)
 
         tokenizer = load_tokenizer(config.data.tokenizer)
@@ -243,11 +248,20 @@ class Trainer:
             CausalLMLoss(),
             kind=parallel.pipeline_schedule,
         )
+        ck = config.checkpoint
         self.checkpoints = CheckpointManager(
-            config.checkpoint_folder, keep_last=config.checkpoint.keep_last
+            config.checkpoint_folder, keep_last=ck.keep_last, async_save=ck.async_save
         )
+        self.checkpoints.before_commit = self._testing_kill
+        self.checkpoints.on_complete = self._saved
         self.step = 0
+        self._last_finite = True
+        self._sigterm = SigtermGuard()
         self._resume()
+        own = sum(f.branch == self.checkpoints.branch for f in self.checkpoints.found())
+        self.checkpoints.estimate_bytes = check_free_space(
+            config, self.params, param_dtype, step=self.step, own_checkpoints=own
+        )
 
         flops = training_flops_per_token(self.params, config.data.seq_len).total
         self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
@@ -269,7 +283,7 @@ class Trainer:
         data = self.config.data
         cache = data.cache_dir or str(self.output_dir / "token_cache")
         if data.source == "tokens":
-            files = [Path(p) for p in data.paths]
+            files = token_files_in(data.paths)
             return DocumentCorpus(
                 [open_token_file(p, data.eos_id, data.token_dtype) for p in files],
                 data.max_documents,
@@ -293,34 +307,17 @@ class Trainer:
         return self.params.model_dump(mode="json")
 
     def _resume(self) -> None:
-        ck = self.config.checkpoint
-        path = Path(ck.resume_from) if ck.resume_from else None
-        if path is None and ck.resume:
-            path = self.checkpoints.latest()
-        if path is None:
-            return
-        if not path.is_dir():
-            raise ValueError(f"checkpoint.resume_from: {path} does not exist")
-        state = self.checkpoints.load(
-            path,
-            self.modules,
-            self.optimizers,
+        self.step = start_or_resume(
+            self.config,
+            self.checkpoints,
+            modules=self.modules,
+            optimizers=self.optimizers,
             schedulers=self.schedulers,
+            data=self.data,
             model_params=self._model_signature(),
+            metrics_path=self.output_dir / METRICS_FILE,
+            log=self._log,
         )
-        self.data.load_state_dict(state.data_state)
-        self.step = state.step
-        self._log(f"resumed from {path} at step {self.step}")
-        if self.is_main:
-            # Steps logged after that checkpoint (by the run that crashed) will run again.
-            metrics = self.output_dir / METRICS_FILE
-            if metrics.is_file():
-                kept = [
-                    line
-                    for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step
-                ]
-                metrics.write_text("".join(f"{line}\n" for line in kept))
 
     # -----------------------------------------------------------------------------------
 
@@ -339,6 +336,7 @@ class Trainer:
             self.stages.parameters(), self.config.clip.max_norm, pp_group=self.ctx.pp_group
         )
         finite = bool(torch.isfinite(norm))
+        self._last_finite = finite
         clip_seconds = time.perf_counter() - clip_started
         if finite:
             self._nonfinite_in_a_row = 0
@@ -375,31 +373,100 @@ class Trainer:
         metrics.overhead_seconds += time.perf_counter() - log_started
 
     def save_checkpoint(self) -> Path:
-        """Saves a checkpoint of the current step (every rank calls this)."""
-        path = self.checkpoints.save(
-            self.step,
-            self.modules,
-            self.optimizers,
-            scheduler=self.schedulers[0],
-            data_state=self.data.state_dict(),
-            model_params=self._model_signature(),
-            extra={"layout": self.config.parallel.model_dump()},
-        )
-        seconds = self.checkpoints.last_save_seconds
-        self._log(f"saved {path} in {seconds:.2f} s")
-        if self.is_main:
-            with (self.output_dir / CHECKPOINTS_FILE).open("a") as f:
-                f.write(json.dumps({"step": self.step, "path": str(path), "seconds": seconds}))
-                f.write("\n")
-        return path
+        """Saves a checkpoint of the current step (every rank calls this).
+
+        With ``checkpoint.async_save`` it returns once the state is staged in CPU memory;
+        the checkpoint is complete (and logged) when the background write finishes.
+        """
+        config = self.config
+        with self._sigterm.deferred():
+            return self.checkpoints.save(
+                self.step,
+                self.modules,
+                self.optimizers,
+                scheduler=self.schedulers[0],
+                data_state=self.data.state_dict(),
+                model_params=self._model_signature(),
+                extra={
+                    "layout": config.parallel.model_dump(),
+                    "config": config.model_dump(mode="json"),
+                },
+                last_step_finite=self._last_finite,
+            )
+
+    def _saved(self, step: int, path: Path, seconds: float) -> None:
+        # Rank 0, when a save is complete (from the background thread for async saves).
+        blocked = self.checkpoints.last_save_seconds
+        how = ""
+        if self.config.checkpoint.async_save:
+            how = f" ({blocked:.2f} s of it blocking training)"
+        self._log(f"saved {path} in {seconds:.2f} s{how}")
+        with (self.output_dir / CHECKPOINTS_FILE).open("a") as f:
+            record = {"step": step, "path": str(path), "seconds": seconds}
+            if blocked is not None:
+                record["blocking_seconds"] = blocked
+            f.write(json.dumps(record) + "\n")
+
+    def _testing_kill(self, step: int) -> None:
+        # checkpoint.kill_during_save: a crash after a save's files, before its manifest.
+        ck = self.config.checkpoint
+        if ck.kill_during_save != step:
+            return
+        if ck.async_save:
+            # Show that training went on meanwhile: wait for the next step to finish.
+            deadline = time.monotonic() + 120
+            while self.step <= step and time.monotonic() < deadline:
+                time.sleep(0.01)
+        os.kill(os.getpid(), getattr(signal, ck.kill_signal))
+        if ck.kill_signal == "SIGTERM":
+            self._log(f"testing aid: sent SIGTERM while step-{step} was being written")
+
+    def _last_good(self) -> str:
+        good = [
+            f.path
+            for f in self.checkpoints.found()
+            if f.manifest is not None
+            and f.manifest.get("last_step_finite", True)
+            and self.checkpoints.lineage.on_history(self.checkpoints.branch, f.branch, f.step)
+        ]
+        if not good:
+            return "no checkpoint of a step with a finite norm was saved"
+        return f"the last good checkpoint (finite gradient norm) is {good[-1]}"
 
     def run(self) -> list[StepMetrics]:
         """Trains until ``config.steps``; returns the metrics of the steps run here.
 
+        A background save still in flight is completed before it returns (or raises).
+
         Raises:
-            RuntimeError: After ``clip.max_consecutive_nonfinite`` non-finite gradient
-                norms in a row.
+            RunStopped: After ``clip.max_consecutive_nonfinite`` non-finite gradient
+                norms in a row (naming the last good checkpoint), when a save fails, or on
+                SIGTERM (exit code 143, after completing a background save).
         """
+        try:
+            with self._sigterm.installed():
+                return self._run()
+        except Terminated:
+            # Complete the save in flight (or let it clean up after itself), then stop.
+            outcome = ""
+            if self.checkpoints.pending:
+                try:
+                    outcome = f"; completed the background save {self.checkpoints.wait()}"
+                except CheckpointError as err:
+                    outcome = f"; abandoned the background save ({err})"
+            latest = self.checkpoints.latest()
+            raise RunStopped(
+                f"stopped by SIGTERM after step {self.step}{outcome}; the newest complete "
+                f"checkpoint is {latest}",
+                143,
+            ) from None
+        finally:
+            try:
+                self.checkpoints.close()
+            except CheckpointError as err:
+                self._log(f"error: {err}")
+
+    def _run(self) -> list[StepMetrics]:
         config = self.config
         history = []
         for module in self.modules:
@@ -412,9 +479,15 @@ class Trainer:
                     f"optimizer step skipped ({self._nonfinite_in_a_row} in a row)"
                 )
                 if self._nonfinite_in_a_row >= config.clip.max_consecutive_nonfinite:
-                    raise RuntimeError(
+                    self._record(metrics)
+                    try:
+                        self.checkpoints.wait()
+                    except CheckpointError as err:
+                        self._log(f"error: {err}")
+                    raise RunStopped(
                         f"stopping at step {metrics.step}: {self._nonfinite_in_a_row} "
-                        "non-finite gradient norms in a row (clip.max_consecutive_nonfinite)"
+                        "non-finite gradient norms in a row (clip.max_consecutive_nonfinite); "
+                        f"{self._last_good()}"
                     )
             if metrics.step % config.log_interval == 0 or metrics.step == config.steps:
                 self._record(metrics)
@@ -422,25 +495,35 @@ class Trainer:
             ck = config.checkpoint
             last = self.step == config.steps
             if (ck.interval and self.step % ck.interval == 0) or (last and ck.save_final):
-                self.save_checkpoint()
+                try:
+                    self.save_checkpoint()
+                except CheckpointError as err:
+                    raise RunStopped(str(err)) from err
                 if ck.kill_after_save == self.step:
                     # Testing aid: die like a crash would, right after a complete save.
+                    self.checkpoints.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            self.checkpoints.wait()
+        except CheckpointError as err:
+            raise RunStopped(str(err)) from err
         return history
 
     def export_hf(self, folder: str | os.PathLike | None = None) -> Path:
         """Writes the trained model as an HF folder (every rank calls this).
 
-        Each rank rebuilds the whole model on the CPU from the final checkpoint (which
-        holds every stage under any layout); rank 0 writes the files.
+        Rank 0 streams it from the checkpoint of the current step (saved first if there
+        is none), one tensor at a time; the other ranks wait.
 
         Returns:
             The folder written (``<output_dir>/hf`` by default).
         """
         folder = Path(folder or self.output_dir / "hf")
-        latest = self.checkpoints.latest()
-        if latest is None or not latest.name.endswith(f"-{self.step}"):
-            latest = self.save_checkpoint()
-        export_hf_from_checkpoint(self.params, latest, folder)
+        self.checkpoints.wait()
+        path = self.checkpoints.checkpoint_of(self.step)
+        if path is None:
+            self.save_checkpoint()
+            path = self.checkpoints.wait() or self.checkpoints.checkpoint_of(self.step)
+        export_hf_from_checkpoint(self.params, path, folder)
         self._log(f"exported an HF folder to {folder}")
         return folder

@@ -184,7 +184,12 @@ def _nonfinite_run(base: dict) -> dict:
 
     from d9d.train.loop import Trainer
 
-    items = {**base, "clip.max_consecutive_nonfinite": 2, "checkpoint.resume": False}
+    items = {
+        **base,
+        "output_dir": str(Path(base["output_dir"]).with_name("nonfinite")),
+        "clip.max_consecutive_nonfinite": 2,
+        "checkpoint.resume": False,
+    }
     trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
     original = trainer.schedule.step
 

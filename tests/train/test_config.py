@@ -41,3 +41,15 @@ def test_bad_values_and_files(tmp_path):
         load_train_config(None, ["steps"])
     with pytest.raises(ValueError, match="needs 'paths'"):
         load_train_config(None, ["data.source=tokens"])
+
+
+def test_betas_out_of_range_name_the_key():
+    with pytest.raises(
+        ValueError, match=r"key 'optimizer\.betas': Value error, each beta must be in \[0, 1\)"
+    ):
+        load_train_config(None, ["optimizer.betas=[1.5, 0.9]"])
+
+
+def test_checkpoint_options_have_safe_defaults():
+    ck = load_train_config(None).checkpoint
+    assert ck.resume and not ck.overwrite and not ck.allow_changes and not ck.async_save

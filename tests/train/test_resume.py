@@ -94,7 +94,7 @@ def _straight_then_killed_then_resumed(workdir, items, name, world, layout):
     else:
         assert killed.returncode != 0, "torchrun must report the killed ranks"
     checkpoints = workdir / f"{name}_resumed" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-{HALF}"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["lineage.json", f"step-{HALF}"]
     resumed = _run(items(f"{name}_resumed", *layout), world)
     _ok(resumed)
     assert f"resumed from {checkpoints / f'step-{HALF}'} at step {HALF}" in resumed.stderr
@@ -127,3 +127,34 @@ def test_exact_resume_pp2_x_dp2_and_into_one_process(setup):
     one = _losses(workdir / "one_straight")
     # fp32 layouts differ by summation order only (see test_loop_layouts).
     assert cross == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.parametrize(("world", "layout"), [(1, []), (2, ["parallel.data_parallel_shard=2"])])
+def test_sigkill_during_a_background_write_keeps_the_previous_checkpoint(setup, world, layout):
+    # The background write of step-4 is killed once the run has trained step 5: its files
+    # are on disk, its manifest is not.
+    workdir, items = setup
+    name = f"async_killed_{world}"
+    run = items(name, *layout, "checkpoint.async_save=true", "checkpoint.interval=2")
+    killed = _run([*run, "checkpoint.kill_during_save=4"], world)
+    assert killed.returncode != 0, killed.stderr[-4000:]
+    checkpoints = workdir / name / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "lineage.json",
+        "step-2",
+        "step-4.tmp",
+    ]
+    partial = {p.name for p in (checkpoints / "step-4.tmp").iterdir()}
+    assert "__0_0.distcp" in partial and "manifest.json" not in partial
+    logged = [
+        json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in logged] == list(range(1, len(logged) + 1))
+    assert len(logged) >= 5, "training must go on during the background write"
+    resumed = _run(run, world)
+    _ok(resumed)
+    assert f"resumed from {checkpoints / 'step-2'} at step 2" in resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["lineage.json", "step-4", "step-6"]
+    # The steps the killed run had taken after step-2 run again, bit-identically.
+    again = _losses(workdir / name)
+    assert again[: len(logged)] == [r["loss"] for r in logged]
