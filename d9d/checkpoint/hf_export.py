@@ -77,6 +77,8 @@ def _write(
             tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
             del pieces
             yield hf_key, tensor.to(hf_specs[hf_key][1])
+            # Drop it before reading the next one: one tensor alive at a time.
+            del tensor
 
     for name, hf_keys in zip(files, shards, strict=True):
         write_safetensors_streaming(

@@ -115,7 +115,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     """
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise ValueError(f"{path} is missing (the save never finished)")
+        raise ValueError(f"{path} is missing (the save never finished, or predates manifests)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:

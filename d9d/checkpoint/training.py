@@ -205,6 +205,7 @@ class _Save:
     final: Path
     record: dict
     started: float
+    blocking: float = 0.0
 
 
 class CheckpointManager:
@@ -221,8 +222,9 @@ class CheckpointManager:
         estimate_bytes: About how large one checkpoint is (for "no space" messages).
         before_commit: Called with the step after a save's files are written and before
             its manifest (a testing aid simulates crashes there).
-        on_complete: Called on rank 0 with the step, folder and seconds of each completed
-            save (from the background thread for async saves).
+        on_complete: Called on rank 0 with the step, folder, seconds from start to rename
+            and seconds training was blocked, of each completed save (from the background
+            thread for async saves).
         last_save_seconds: Time the last save blocked training.
         last_write_seconds: Time the last completed save took from start to rename.
     """
@@ -245,7 +247,7 @@ class CheckpointManager:
         self.before_commit: Callable[[int], None] | None = None
         self.last_save_seconds: float | None = None
         self.last_write_seconds: float | None = None
-        self.on_complete: Callable[[int, Path, float], None] | None = None
+        self.on_complete: Callable[[int, Path, float, float], None] | None = None
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._group = None
@@ -509,10 +511,13 @@ class CheckpointManager:
             self._executor = self._executor or ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="d9d-checkpoint"
             )
+            save.blocking = time.perf_counter() - started
             self._pending = self._executor.submit(self._finish_in_background, upload, save)
         else:
             self._commit(save, group=None)
-        self.last_save_seconds = time.perf_counter() - started
+            save.blocking = time.perf_counter() - started
+            self._completed(save)
+        self.last_save_seconds = save.blocking
         return final
 
     @staticmethod
@@ -525,7 +530,9 @@ class CheckpointManager:
             upload.result()
         except (Exception, CheckpointException) as err:
             self._fail(save, err, group=self._group)
-        return self._commit(save, group=self._group)
+        final = self._commit(save, group=self._group)
+        self._completed(save)
+        return final
 
     def _commit(self, save: _Save, group) -> Path:
         # Every rank's files are written: checksum them (each rank its share), then rank 0
@@ -559,9 +566,11 @@ class CheckpointManager:
             self._prune()
         _barrier(group)
         self.last_write_seconds = time.perf_counter() - save.started
-        if self.on_complete is not None and _rank() == 0:
-            self.on_complete(save.step, save.final, self.last_write_seconds)
         return save.final
+
+    def _completed(self, save: _Save) -> None:
+        if self.on_complete is not None and _rank() == 0:
+            self.on_complete(save.step, save.final, self.last_write_seconds, save.blocking)
 
     def _fail(self, save: _Save, err: BaseException, group) -> None:
         # Every rank arrives here together (DCP's errors are collective, ours are

@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.run()
-        if config.checkpoint.export_hf:
-            trainer.export_hf()
     except RunStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if config.checkpoint.export_hf:
+        try:
+            trainer.export_hf()
+        except (CheckpointError, ValueError) as err:
+            print(f"error: HF export: {err}", file=sys.stderr)
+            return 2
     if args.plot and trainer.is_main:
         from d9d.train.plot import plot_metrics
 

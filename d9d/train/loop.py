@@ -394,17 +394,15 @@ class Trainer:
                 last_step_finite=self._last_finite,
             )
 
-    def _saved(self, step: int, path: Path, seconds: float) -> None:
+    def _saved(self, step: int, path: Path, seconds: float, blocking: float) -> None:
         # Rank 0, when a save is complete (from the background thread for async saves).
-        blocked = self.checkpoints.last_save_seconds
         how = ""
         if self.config.checkpoint.async_save:
-            how = f" ({blocked:.2f} s of it blocking training)"
+            how = f" ({blocking:.2f} s of it blocking training)"
         self._log(f"saved {path} in {seconds:.2f} s{how}")
         with (self.output_dir / CHECKPOINTS_FILE).open("a") as f:
             record = {"step": step, "path": str(path), "seconds": seconds}
-            if blocked is not None:
-                record["blocking_seconds"] = blocked
+            record["blocking_seconds"] = blocking
             f.write(json.dumps(record) + "\n")
 
     def _testing_kill(self, step: int) -> None:

@@ -45,7 +45,7 @@ def test_round_trip_and_every_kind_of_damage(tmp_path):
 
 
 def test_missing_or_broken_manifest(tmp_path):
-    with pytest.raises(ValueError, match=r"manifest\.json is missing \(the save never finished\)"):
+    with pytest.raises(ValueError, match=r"manifest\.json is missing \(the save never finished"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST_FILE).write_text('{"format": 1, "files"')
     with pytest.raises(ValueError, match="is unreadable"):
