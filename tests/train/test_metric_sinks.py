@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,16 @@ def test_tensorboard_hides_the_steps_a_resumed_run_repeats(tmp_path):
     events.Reload()
     scalars = events.Scalars("train/loss")
     assert [(s.step, s.value) for s in scalars] == [(1, 1), (2, 2), (3, 30), (4, 40), (5, 50)]
+
+
+def test_train_summary_reads_runs_with_evaluations(run):
+    output, _, records = run
+    script = Path(__file__).resolve().parents[2] / "profiling" / "train_summary.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(output)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[-1].split("|")
+    last_eval = [r for r in records if "eval_loss" in r][-1]
+    assert row[9].strip() == f"{last_eval['eval_loss']:.3f}"
+    assert re.fullmatch(r" \d+\.\d\d \(\d+\) ", row[10])
