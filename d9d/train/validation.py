@@ -88,7 +88,8 @@ def split_eval_corpus(
         ``(training, held_out)``; ``held_out`` is ``None`` without evaluation.
 
     Raises:
-        ValueError: If an ``eval.paths`` entry does not exist (naming the key).
+        ValueError: If an ``eval.paths`` entry does not exist or cannot be read (naming
+            the key).
     """
     if section.fraction is not None:
         return split_heldout(corpus, section.fraction, seed)
@@ -97,7 +98,10 @@ def split_eval_corpus(
     missing = [path for path in section.paths if not Path(path).exists()]
     if missing:
         raise ValueError(f"eval.paths: {', '.join(missing)} does not exist")
-    return corpus, read_files(section.paths)
+    try:
+        return corpus, read_files(section.paths)
+    except ValueError as err:
+        raise ValueError(f"eval.paths: {err}") from err
 
 
 def eval_source(section: EvalSection) -> str:

@@ -178,8 +178,11 @@ def bad_eval_inputs(workdir: str, corpus: str) -> dict:
 
     attempt("small_heldout", **{"eval.fraction": 0.001})
     attempt("missing_paths", **{"eval.paths": [f"{workdir}/nope.bin"]})
-    wide = write_token_file(Path(workdir) / "wide.bin", [[5, 300, 7] * 40], 257, 1000)
+    wide = write_token_file(Path(workdir) / "wide.bin", [[5, 400, 7] * 100], 257, 1000)
     attempt("heldout_vocab", **{"eval.paths": [str(wide)]})
+    text = Path(workdir) / "valid.txt"
+    text.write_text("text, but [data] reads token files")
+    attempt("wrong_format", **{"eval.paths": [str(text)]})
     for sink, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
         # As if the package were not installed: importing it raises ImportError.
         saved = sys.modules.get(module)
@@ -191,4 +194,57 @@ def bad_eval_inputs(workdir: str, corpus: str) -> dict:
                 sys.modules.pop(module, None)
             else:
                 sys.modules[module] = saved
+    return results
+
+
+def eval_paths_runs(workdir: str, corpus: str) -> dict:
+    """Held-out files of their own: token files, and text files tokenized like ``[data]``."""
+    import json
+    from pydoc_data.topics import topics
+
+    from d9d.dataset.corpus import DocumentCorpus
+    from d9d.dataset.token_files import open_token_file, write_token_file
+    from d9d.dataset.tokenizers import ByteTokenizer
+    from d9d.train.config import load_train_config
+    from d9d.train.loop import Trainer
+
+    tok = ByteTokenizer()
+    names = sorted(topics)
+    held_docs = [list(topics[name].encode()) for name in names[:6]]
+    held = write_token_file(Path(workdir) / "held.bin", held_docs, tok.eos_id, tok.vocab_size)
+    results = {}
+
+    def run(name: str, **extra) -> dict:
+        items = overrides(
+            Path(corpus), Path(workdir) / name, steps=2, **{"checkpoint.resume": False, **extra}
+        )
+        trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
+        trainer.run()
+        pieces = trainer.heldout.corpus
+        (result,) = trainer.eval_history
+        return {
+            "step": result.step,
+            "eval_tokens": result.eval_tokens,
+            "documents": len(pieces),
+            # Every next-token prediction of every held-out piece, once.
+            "expected_tokens": int(sum(int(n) - 1 for n in pieces.doc_lengths)),
+            "train_documents": len(trainer.data.corpus),
+        }
+
+    results["tokens"] = run("tokens_paths", **{"eval.paths": [str(held)]})
+    results["tokens"]["file_documents"] = len(DocumentCorpus([open_token_file(held, None)]))
+    text_dir = Path(workdir) / "text"
+    text_dir.mkdir()
+    for name in names[6:40]:
+        (text_dir / f"{name}.txt").write_text(topics[name])
+    valid = text_dir.parent / "valid.jsonl"
+    valid.write_text("".join(json.dumps({"text": topics[n]}) + "\n" for n in names[:6]))
+    results["text"] = run(
+        "text_paths",
+        **{
+            "data.source": "text",
+            "data.paths": [str(text_dir)],
+            "eval.paths": [str(valid)],
+        },
+    )
     return results

@@ -175,7 +175,11 @@ def bad(files) -> dict:
             r"held-out set \(eval\.fraction=0\.001\) is smaller than one batch: 0 documents",
         ),
         ("missing_paths", r"eval\.paths: .*nope\.bin does not exist"),
-        ("heldout_vocab", r"eval\.paths: .*token id 300, outside the model's vocabulary"),
+        ("heldout_vocab", r"eval\.paths: .*token id 400, outside the model's vocabulary"),
+        (
+            "wrong_format",
+            r"eval\.paths: .*valid\.txt: token files must end in \('\.npy', '\.bin'\)",
+        ),
         (
             "missing_tensorboard",
             r"metrics\.tensorboard=true needs the 'tensorboard' package: "
@@ -220,3 +224,24 @@ def test_eval_is_on_when_a_source_is_given():
 def test_plot_needs_the_jsonl_sink(capsys):
     assert main(["--set", "metrics.jsonl=false", "--plot"]) == 2
     assert "--plot reads metrics.jsonl: set metrics.jsonl=true" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def paths_runs(files) -> dict:
+    corpus, _ = files
+    (result,) = run_spawned(
+        1, "tests.train._eval_scenarios:eval_paths_runs", timeout_s=180, corpus=str(corpus)
+    )
+    return result
+
+
+@pytest.mark.parametrize("kind", ["tokens", "text"])
+def test_heldout_files_of_their_own(paths_runs, kind):
+    result = paths_runs[kind]
+    assert result["step"] == 2, "the last step always evaluates"
+    assert result["eval_tokens"] == result["expected_tokens"] > 0
+    if kind == "tokens":
+        # The training corpus is [data]'s alone; the held-out files' documents (cut to the
+        # model's positions) are all evaluated.
+        assert result["train_documents"] > result["file_documents"] == 6
+        assert result["documents"] >= 6
