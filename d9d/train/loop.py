@@ -264,6 +264,7 @@ class Trainer:
                 self.ctx.device,
                 config.eval,
                 config.steps,
+                prepare_batch=self._prepare_batch,
             )
         self.checkpoints = CheckpointManager(
             config.checkpoint_folder, keep_last=config.checkpoint.keep_last
@@ -383,10 +384,14 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
 
+    def _prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # One way from a loader's batch to the step object's, for training and evaluation.
+        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+
     def train_step(self) -> StepMetrics:
         """Runs one optimizer step; returns its metrics."""
         started = time.perf_counter()
-        batch = {k: v.to(self.ctx.device) for k, v in self.data.next_batch().items()}
+        batch = self._prepare_batch(self.data.next_batch())
         data_seconds = time.perf_counter() - started
         lr = self.optimizers[0].param_groups[0]["lr"]
         # Every token id and position was checked against the model before the first

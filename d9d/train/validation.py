@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from d9d.core.checks import inputs_prevalidated
+from d9d.core.constants import IGNORE_INDEX
 from d9d.dataset.corpus import DocumentCorpus
 from d9d.dataset.heldout import HeldOutBatches, split_heldout
 from d9d.train.config import EvalSection
@@ -121,6 +122,8 @@ class Validator:
         device: Where the batches go.
         section: ``[eval]`` (``interval``).
         total_steps: The run's steps (an evaluation always follows the last).
+        prepare_batch: Turns a held-out batch into the step object's input, as the
+            training loop does with its batches (``None``: moves it to ``device``).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Validator:
         device: torch.device,
         section: EvalSection,
         total_steps: int,
+        prepare_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ):
         self.batches = batches
         self.schedule = schedule
@@ -139,6 +143,7 @@ class Validator:
         self.interval = section.interval
         self.total_steps = total_steps
         self.last_local_tokens = 0
+        self._prepare = prepare_batch or (lambda b: {k: v.to(device) for k, v in b.items()})
 
     def due(self, step: int) -> bool:
         """Whether an evaluation follows step ``step``."""
@@ -160,18 +165,19 @@ class Validator:
         flags = [(m, m.training) for module in self.modules for m in module.modules()]
         # Training's RNG stream continues as if no evaluation had run (nothing in a
         # causal LM's forward draws from it today; a dropout would).
+        accelerator = self.device.type != "cpu"
         fork = torch.random.fork_rng(
-            devices=[self.device] if self.device.type != "cpu" else [],
-            device_type=self.device.type if self.device.type != "cpu" else "cuda",
+            devices=[self.device] if accelerator else [],
+            # Unused without devices (the CPU generator is always forked).
+            device_type=self.device.type if accelerator else "cuda",
         )
         try:
             with fork, inputs_prevalidated():
                 for module in self.modules:
                     module.eval()
                 for batch in self.batches:
-                    local_tokens += int((batch["labels"] != -100).sum())
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    result = self.schedule.eval(batch)
+                    local_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+                    result = self.schedule.eval(self._prepare(batch))
                     # The batch's global mean times its global count: its global sum.
                     weighted += result.loss.double() * result.num_items.double()
                     tokens += result.num_items.double()
