@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch._C._profiler import _EventType
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
 CUDA_MEMORY_SOURCE = "cuda: torch.cuda.max_memory_allocated over the measured steps"
@@ -51,7 +52,7 @@ class MemoryMeasurement:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     # A DTensor (FSDP2 shard) owns only its local shard's storage.
-    return getattr(tensor, "_local_tensor", tensor)
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def resident_tensor_bytes(
