@@ -53,7 +53,8 @@ def _train(settings: dict) -> dict:
 
     trainer = Trainer(load_train_config(None, settings), log=lambda _m: None)
     steps, saves, done = [], [], {}
-    train_step, save, saved = trainer.train_step, trainer.save_checkpoint, trainer._saved
+    train_step, save = trainer.train_step, trainer.save_checkpoint
+    saved = trainer.checkpoints.on_complete
 
     def timed_step():
         started = time.perf_counter()

@@ -279,12 +279,10 @@ class Trainer:
         self.checkpoints.on_complete = self._saved
         self.step = 0
         self._last_finite = True
+        self._logged_step = 0
         self._sigterm = SigtermGuard()
+        self._param_dtype = param_dtype
         self._resume()
-        own = sum(f.branch == self.checkpoints.branch for f in self.checkpoints.found())
-        self.checkpoints.estimate_bytes = check_free_space(
-            config, self.params, param_dtype, step=self.step, own_checkpoints=own
-        )
 
         flops = training_flops_per_token(self.params, config.data.seq_len).total
         self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
@@ -377,6 +375,12 @@ class Trainer:
             model_params=self._model_signature(),
             metrics_path=self.output_dir / METRICS_FILE,
             log=self._log,
+            check=self._check_free_space,
+        )
+
+    def _check_free_space(self, step: int, own_checkpoints: int) -> None:
+        self.checkpoints.estimate_bytes = check_free_space(
+            self.config, self.params, self._param_dtype, step=step, own_checkpoints=own_checkpoints
         )
 
     # -----------------------------------------------------------------------------------
@@ -485,9 +489,9 @@ class Trainer:
         if ck.kill_during_save != step:
             return
         if ck.async_save:
-            # Show that training went on meanwhile: wait for the next step to finish.
+            # Show that training went on meanwhile: wait until the next step is logged.
             deadline = time.monotonic() + 120
-            while self.step <= step and time.monotonic() < deadline:
+            while self._logged_step <= step and time.monotonic() < deadline:
                 time.sleep(0.01)
         os.kill(os.getpid(), getattr(signal, ck.kill_signal))
         if ck.kill_signal == "SIGTERM":
@@ -590,6 +594,7 @@ class Trainer:
             history.append(metrics)
             if self.validator is not None and self.validator.due(self.step):
                 self.eval_history.append(self._evaluate())
+            self._logged_step = self.step
             ck = config.checkpoint
             last = self.step == config.steps
             if (ck.interval and self.step % ck.interval == 0) or (last and ck.save_final):

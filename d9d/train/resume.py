@@ -9,7 +9,8 @@ In this order, every rank together, before the first step:
    allowed changes collected;
 4. model, optimizer, scheduler (unless changes rebuild it), RNG and data cursor load;
    allowed changes are applied and logged;
-5. only then is anything on disk changed: old checkpoints moved aside
+5. the caller's last check (free space for the saves to come) runs;
+6. only then is anything on disk changed: old checkpoints moved aside
    (``checkpoint.overwrite``), ``lineage.json`` written, ``metrics.jsonl`` cut back to
    the resumed step or switched to the new branch's history (``d9d.train.metrics_file``).
 
@@ -41,8 +42,22 @@ def start_or_resume(
     model_params: dict,
     metrics_path: Path,
     log: Callable[[str], None],
+    check: Callable[[int, int], None] | None = None,
 ) -> int:
     """Starts the run or resumes it; returns the step it continues from.
+
+    Args:
+        config: This run's config.
+        checkpoints: The run's checkpoint manager.
+        modules: This rank's stage modules (filled from the checkpoint).
+        optimizers: One optimizer per module.
+        schedulers: One LR scheduler per optimizer, built from ``config``.
+        data: The training batches (their cursor is restored).
+        model_params: The model's parameters as JSON (an other model is refused).
+        metrics_path: ``<output_dir>/metrics.jsonl``.
+        log: Receives what was decided and done (rank 0).
+        check: Called with the step and the number of checkpoints of the branch that
+            continues, before anything on disk changes (it may refuse by raising).
 
     Raises:
         ValueError: For a resume the rules refuse (another run's or branch's
@@ -82,6 +97,11 @@ def start_or_resume(
         )
         if changes:
             log(apply_changes(changes, config, optimizers, schedulers, step))
+    if check is not None:
+        own = 0
+        if not plan.new_run:
+            own = sum(f.branch == plan.lineage.live for f in checkpoints.found())
+        check(step, own)
     checkpoints.begin(plan)
     if plan.note:
         log(plan.note)
