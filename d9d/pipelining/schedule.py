@@ -130,8 +130,8 @@ class PipelineStepResult:
     """What one ``PipelineSchedule.step`` returns.
 
     Attributes:
-        loss: The global loss (summed over microbatches and data-parallel ranks, i.e.
-            the global mean) on ranks holding the last stage; ``None`` elsewhere.
+        loss: The global loss (summed over microbatches, data- and context-parallel
+            ranks, i.e. the global mean) on ranks holding the last stage; ``None`` elsewhere.
         outputs: The last stage's outputs merged over microbatches, when asked for.
     """
 
@@ -215,7 +215,8 @@ class PipelineSchedule:
             self._validate_batch(batch)
         target = batch[self._loss.target_key]
         count = self._loss.count(target).to(self._dist_context.device, torch.float32)
-        dist.all_reduce(count, group=self._dist_context.dp_group)
+        # Every rank holding different tokens (data- and context-parallel) counts its own.
+        dist.all_reduce(count, group=self._dist_context.dp_cp_group)
         self._global_count = count.clamp_min(1.0)
         side_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         has_first = any(stage.is_first for stage in self._stages)
@@ -237,7 +238,7 @@ class PipelineSchedule:
         if not self.has_last_stage:
             return PipelineStepResult(loss=None)
         loss = torch.stack(losses).sum().detach()
-        dist.all_reduce(loss, group=self._dist_context.dp_group)
+        dist.all_reduce(loss, group=self._dist_context.dp_cp_group)
         if return_outputs:
             merged = dict(zip(self._output_names, merged, strict=True))
         return PipelineStepResult(loss=loss, outputs=merged if return_outputs else None)

@@ -11,6 +11,11 @@ With ``tensor_parallel > 1`` the tensor-parallel plan
 (``d9d.module.parallelism.model.qwen3_dense_tensor_parallel``) is applied first, unless
 the builder already applied it; FSDP2 then shards the TP ``DTensor`` parameters over the
 data-parallel dims (2-D ``(dp, tp)`` parameters, HSDP x TP, and inside pipeline stages).
+
+With context parallelism (``context_parallel_shard * context_parallel_replicate > 1``)
+the context-parallel changes (``d9d.module.parallelism.model.qwen3_dense_context_parallel``)
+come next; the weights are then sharded over ``dp_cp_shard`` and replicated over
+``dp_replicate x cp_replicate``, and gradients are summed over every one of those ranks.
 """
 
 from torch import nn
@@ -23,6 +28,9 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.module.parallelism.api import parallelize_hsdp
+from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
+    apply_context_parallel_qwen3_dense,
+)
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
 )
@@ -42,12 +50,6 @@ class _Plan:
         reshard_after_forward: bool | None,
     ):
         params = dist_context.params
-        if params.is_context_parallel:
-            raise ValueError(
-                "context parallelism (context_parallel_shard="
-                f"{params.context_parallel_shard}, context_parallel_replicate="
-                f"{params.context_parallel_replicate}) is not supported for Qwen3 Dense yet"
-            )
         self.mesh = dist_context.mesh_for(DENSE_DOMAIN)[HSDP_DIMS]
         self.mp_policy = mp_policy or MixedPrecisionPolicy()
         if reshard_after_forward is not None:
@@ -91,14 +93,16 @@ def parallelize_qwen3_dense_model(
     """Parallelizes the base Qwen3 Dense model components.
 
     Applies the tensor-parallel plan when the context asks for it (and it was not
-    applied yet), then HSDP to the embedding (first stage), each layer, and the root
-    (which keeps the final norm of the last stage). Call it after the compile layer and
-    before ``to_empty``/``reset_parameters`` or loading a checkpoint.
+    applied yet), then context parallelism when the context asks for it, then HSDP to the
+    embedding (first stage), each layer, and the root (which keeps the final norm of the
+    last stage). Call it after the compile layer and before
+    ``to_empty``/``reset_parameters`` or loading a checkpoint.
 
     Current usage constraints:
-    * Context Parallelism is not supported (we will implement it later).
     * Under tensor parallelism, shapes must split evenly (see
       ``validate_tensor_parallel``).
+    * Under context parallelism, every stage input is a rank's head-tail shard of each
+      row (``d9d.module.parallelism.context_parallel.shard_batch_for_context_parallel``).
 
     Args:
         dist_context: The distributed context.
@@ -112,11 +116,11 @@ def parallelize_qwen3_dense_model(
             pipelining (each microbatch would all-gather again).
 
     Raises:
-        ValueError: If Context Parallel is enabled in the context, or a dimension does not
-            split evenly over the tensor-parallel degree.
+        ValueError: If a dimension does not split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
     apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
+    apply_context_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model, stage)
     plan.shard_root(model)
 
@@ -143,11 +147,11 @@ def parallelize_qwen3_dense_for_causal_lm(
         reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
-        ValueError: If Context Parallel is enabled in the context, or a dimension does not
-            split evenly over the tensor-parallel degree.
+        ValueError: If a dimension does not split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
     apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
+    apply_context_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
         plan.shard([model.model.norm, model.lm_head], reshard=False)
@@ -175,10 +179,12 @@ def parallelize_qwen3_dense_for_classification(
         reshard_after_forward: See ``parallelize_qwen3_dense_model``.
 
     Raises:
-        ValueError: If Context Parallel is enabled in the context, or a dimension does not
+        ValueError: Under context parallelism (the head pools chosen tokens of each row,
+            which the sequence split scatters over the ranks), or if a dimension does not
             split evenly over the tensor-parallel degree.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    apply_context_parallel_qwen3_dense(dist_context, model, stage)  # refuses, before TP
     apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     plan.shard_backbone(model.model, stage)
     if stage.is_current_stage_last:
