@@ -168,6 +168,37 @@ def shard_batch_for_context_parallel(
 _GROUPS: dict[str, dist.ProcessGroup] = {}
 
 
+def _all_gather_into(output: torch.Tensor, local: torch.Tensor, group: dist.ProcessGroup) -> None:
+    if local.device.type != "cpu" and dist.get_backend(group) == "gloo":
+        # A gloo group (e.g. several ranks sharing one GPU, where NCCL refuses) moves
+        # accelerator tensors through host memory.
+        staged = output.cpu()
+        dist.all_gather_into_tensor(staged, local.cpu(), group=group)
+        output.copy_(staged)
+        return
+    dist.all_gather_into_tensor(output, local, group=group)
+
+
+def _reduce_scatter_into(
+    output: torch.Tensor, full: torch.Tensor, group: dist.ProcessGroup
+) -> None:
+    if full.device.type != "cpu" and dist.get_backend(group) == "gloo":
+        staged = output.cpu()
+        dist.reduce_scatter_tensor(staged, full.cpu(), group=group)
+        output.copy_(staged)
+        return
+    dist.reduce_scatter_tensor(output, full, group=group)
+
+
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    if tensor.device.type != "cpu" and dist.get_backend(group) == "gloo":
+        staged = tensor.cpu()
+        dist.all_reduce(staged, group=group)
+        tensor.copy_(staged)
+        return
+    dist.all_reduce(tensor, group=group)
+
+
 @torch.library.custom_op("d9d::context_parallel_all_gather_kv", mutates_args=())
 def _all_gather_kv(
     key: torch.Tensor, value: torch.Tensor, group_name: str, group_size: int
@@ -175,7 +206,7 @@ def _all_gather_kv(
     # One collective for both: (2, B, H, S, D) from every rank, stacked on dim 0.
     local = torch.stack([key, value])
     gathered = local.new_empty((group_size * 2, *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local, group=_GROUPS[group_name])
+    _all_gather_into(gathered, local, _GROUPS[group_name])
     batch, heads, seq, dim = key.shape
     # (C, 2, B, H, S, D) -> (2, B, H, C * S, D): rank r's tokens at slots [r * S, (r + 1) * S).
     full = gathered.view(group_size, 2, batch, heads, seq, dim).permute(1, 2, 3, 0, 4, 5)
@@ -200,9 +231,7 @@ def _reduce_scatter_kv(
     grads = torch.stack([grad_key, grad_value]).view(2, batch, heads, group_size, seq, dim)
     grads = grads.permute(3, 0, 1, 2, 4, 5).contiguous()
     local = grads.new_empty(grads.shape[1:])
-    dist.reduce_scatter_tensor(
-        local, grads.view(group_size * 2, *grads.shape[2:]), group=_GROUPS[group_name]
-    )
+    _reduce_scatter_into(local, grads.view(group_size * 2, *grads.shape[2:]), _GROUPS[group_name])
     return local[0].clone(), local[1].clone()
 
 
@@ -238,13 +267,13 @@ class _SumOverGroup(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         summed = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(summed, group=group)
+        _all_reduce(summed, group)
         return summed
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         summed = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(summed, group=ctx.group)
+        _all_reduce(summed, ctx.group)
         return summed, None
 
 
@@ -347,7 +376,7 @@ class ContextParallelGroup:
     def _all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         # (B, S_local) from every rank -> (B, C * S_local), rank 0's tokens first.
         gathered = local.new_empty((self.size * local.shape[0], local.shape[1]))
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
+        _all_gather_into(gathered, local, self.group)
         gathered = gathered.view(self.size, *local.shape).permute(1, 0, 2)
         return gathered.reshape(local.shape[0], -1)
 

@@ -55,28 +55,6 @@ def _backbone(model: nn.Module) -> Qwen3DenseModel:
     )
 
 
-def check_context_parallel_settings(
-    context_parallel: int, *, float8: bool, checkpoint_mode: str, compiled: bool, what: str
-) -> None:
-    """Raises ``ValueError`` for settings context parallelism cannot run with here.
-
-    Every activation-checkpoint mode works: ``selective`` saves the gathered K/V (the
-    collective never runs again in recompute), ``full`` and ``memory_budget`` may
-    recompute it (one more all-gather per layer in backward). Float8 linears are local to
-    each token and compose as they are.
-
-    Args:
-        context_parallel: The CP degree (nothing is checked at 1).
-        float8: Whether float8 linears are asked for.
-        checkpoint_mode: The activation-checkpoint mode.
-        compiled: Whether the layers are compiled.
-        what: Names the setting in the message.
-    """
-    del float8, checkpoint_mode, compiled, what  # nothing refused on this torch (tested)
-    if context_parallel < 1:
-        raise ValueError(f"the context-parallel degree must be >= 1, got {context_parallel}")
-
-
 def apply_context_parallel_qwen3_dense(
     dist_context: DistributedContext, model: nn.Module, stage: PipelineStageInfo
 ) -> bool:
@@ -101,14 +79,27 @@ def apply_context_parallel_qwen3_dense(
     del stage  # every stage changes the same way
     if dist_context.cp_size == 1:
         return False
+    group = ContextParallelGroup(dist_context.cp_group, dist_context.cp_rank, dist_context.cp_size)
+    enable_context_parallel(model, group)
+    return True
+
+
+def enable_context_parallel(model: nn.Module, group: ContextParallelGroup) -> None:
+    """Makes ``model`` (a Qwen3 Dense model or stage) attend across ``group``, in place.
+
+    The lower-level half of :func:`apply_context_parallel_qwen3_dense`, for a group that
+    does not come from a ``DistributedContext`` (e.g. two ranks sharing one GPU over
+    gloo).
+
+    Raises:
+        ValueError: As :func:`apply_context_parallel_qwen3_dense`.
+    """
     backbone = _backbone(model)
     if backbone.context_parallel is not None:
         raise ValueError("context parallelism was already applied to this model")
-    group = ContextParallelGroup(dist_context.cp_group, dist_context.cp_rank, dist_context.cp_size)
     backbone.context_parallel = group
     # One callable shared by every layer: a compiled layer's guards on it hold for all of
     # them, so one graph still serves every layer.
     gather = group.gather_key_value
     for layer in backbone.layers.values():
         layer.self_attn.kv_gather = gather
-    return True
