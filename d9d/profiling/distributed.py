@@ -8,7 +8,9 @@ with ``pp > 1`` a 1F1B schedule over ``n_microbatches``.
 
 Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
 divided by the world size (tensor-parallel ranks work on the same tokens, so their
-FLOPs are divided by the TP degree), so tokens/s and MFU read the same way as on one device and
+FLOPs are divided by the TP degree; context-parallel ranks each train on ``1 / cp`` of
+every row's tokens, sharded by ``shard_batch_for_context_parallel``), so tokens/s and MFU
+read the same way as on one device and
 are directly comparable with the single-device table. Rank 0 merges the ranks' records:
 the slowest rank's step time (the others wait for it), the largest peak memory, the
 largest graph-break and recompile counts, and the loss from the last stage.
@@ -26,10 +28,15 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
+from d9d.module.parallelism.context_parallel import (
+    check_context_parallel_seq_len,
+    shard_batch_for_context_parallel,
+)
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
 from d9d.profiling.benchmark import (
@@ -54,6 +61,8 @@ class ParallelLayout:
         dp_shard: FSDP shard degree.
         dp_replicate: HSDP replicas.
         tp: Tensor-parallel degree.
+        cp: Context-parallel degree whose ranks also shard the weights.
+        cp_replicate: Context-parallel degree whose ranks replicate the weights.
         microbatches: Pipeline microbatches (``None``: one per stage).
     """
 
@@ -61,12 +70,14 @@ class ParallelLayout:
     dp_shard: int = 1
     dp_replicate: int = 1
     tp: int = 1
+    cp: int = 1
+    cp_replicate: int = 1
     microbatches: int | None = None
 
     @property
     def world_size(self) -> int:
         """The number of processes the layout needs."""
-        return self.pp * self.dp_shard * self.dp_replicate * self.tp
+        return self.pp * self.dp_shard * self.dp_replicate * self.tp * self.cp * self.cp_replicate
 
 
 class DistributedTrainer:
@@ -105,16 +116,25 @@ class DistributedTrainer:
             )
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
-        # Each data-parallel rank reads its own samples; pipeline peers read the same.
+        # Each data-parallel rank reads its own samples; pipeline, tensor- and
+        # context-parallel peers read the same, and each CP rank keeps its tokens.
         shard_spec = dataclasses.replace(spec, seed=spec.seed + dist_context.dp_rank)
         input_ids, labels = synthetic_batch(shard_spec)
-        self.batch = {"input_ids": input_ids, "labels": labels}
-        self.dp_size = dist_context.dp_size
+        self.batch = shard_batch_for_context_parallel(
+            {"input_ids": input_ids, "labels": labels},
+            dist_context.cp_rank,
+            dist_context.cp_size,
+        )
+        # Ranks holding different tokens: each holds the same number of them here.
+        self.token_shards = dist_context.dp_size * dist_context.cp_size
         self.schedule = None
         if dist_context.pp_size > 1:
             self.schedule = build_pipeline_schedule(
                 dist_context, [model], [stage], self.batch, n_microbatches, CausalLMLoss()
             )
+        if self.schedule is None:
+            # One backbone forward for the activation-memory probe (as in one process).
+            self.forward_only = self._forward_only
 
     def forward_backward(self) -> torch.Tensor | None:
         """One step's forward and backward; the loss where this rank sees it."""
@@ -122,12 +142,24 @@ class DistributedTrainer:
             result = self.schedule.step(self.batch)
             return result.loss
         out = self.module(**self.batch)
-        # Gradients are summed over data-parallel ranks, so normalise by the global token
-        # count (every rank holds the same number of valid tokens here): the gradient is
-        # then the single-device one, as under the pipeline schedule's loss.
-        loss = out["logps"].mean() / self.dp_size
+        # Gradients are summed over data- and context-parallel ranks, so normalise by the
+        # global token count (every rank holds the same number of valid tokens here): the
+        # gradient is then the single-device one, as under the pipeline schedule's loss.
+        loss = out["logps"].mean() / self.token_shards
         loss.backward()
-        return loss.detach() * self.dp_size
+        return loss.detach() * self.token_shards
+
+    def _forward_only(self) -> dict[str, torch.Tensor]:
+        # What this rank's layers keep for backward (every rank calls it together: the
+        # collectives of FSDP, TP and CP run inside).
+        inputs = {k: v for k, v in self.batch.items() if k in ("input_ids", "position_ids")}
+        out = self.module.model(**inputs)
+        # The final norm's unit (with the head) stays unsharded after forward for the
+        # backward: parameter memory, not activations (one process holds it anyway).
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return out
 
     def optimizer_step(self) -> None:
         """AdamW step, then gradients to ``None``."""
@@ -155,11 +187,13 @@ def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
 def _merge(records: list[ProfileRecord]) -> ProfileRecord:
     slowest = max(records, key=lambda r: r.step_seconds_median)
     with_loss = [r for r in records if r.loss_first is not None]
+    activations = [r.activation_memory_bytes for r in records if r.activation_memory_bytes]
     return slowest.model_copy(
         update={
             "peak_memory_bytes": max(r.peak_memory_bytes for r in records),
             "resident_memory_bytes": max(r.resident_memory_bytes for r in records),
             "step_peak_memory_bytes": max(r.step_peak_memory_bytes for r in records),
+            "activation_memory_bytes": max(activations) if activations else None,
             "first_step_seconds": max(r.first_step_seconds for r in records),
             "graph_breaks": max(r.graph_breaks for r in records),
             "recompiles": max(r.recompiles for r in records),
@@ -196,9 +230,11 @@ def iter_distributed(
     """
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
-            "--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
+            "--pp/--dp-shard/--dp-replicate/--tp/--cp need torchrun: torchrun --nproc-per-node "
             f"{layout.world_size} profiling/mfu.py ..."
         )
+    # Before any communication: every rank cuts the same rows into 2 x cp chunks.
+    check_context_parallel_seq_len(spec.seq_len, layout.cp * layout.cp_replicate, "--seq-len")
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
         dist.init_process_group("gloo")
@@ -207,6 +243,8 @@ def iter_distributed(
         data_parallel_shard=layout.dp_shard,
         data_parallel_replicate=layout.dp_replicate,
         tensor_parallel=layout.tp,
+        context_parallel_shard=layout.cp,
+        context_parallel_replicate=layout.cp_replicate,
     ).build()
     device = dist_context.device
     spec = dataclasses.replace(spec, device=device)

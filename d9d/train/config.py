@@ -128,6 +128,10 @@ class ParallelSection(_Section):
         data_parallel_replicate: HSDP replicas.
         tensor_parallel: Tensor-parallel ranks (sequence parallel between blocks; they
             read the same data).
+        context_parallel: Context-parallel ranks that also shard the weights (FSDP over
+            ``data_parallel_shard x context_parallel``): they read the same rows and each
+            trains on a head-tail share of every row's tokens.
+        context_parallel_replicate: Context-parallel ranks that replicate the weights.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
         stages_per_rank: Pipeline stages per rank (more than 1 needs interleaved 1F1B).
         n_microbatches: Microbatches per step (``None``: the number of pipeline stages;
@@ -138,6 +142,8 @@ class ParallelSection(_Section):
     data_parallel_shard: int = Field(default=1, ge=1)
     data_parallel_replicate: int = Field(default=1, ge=1)
     tensor_parallel: int = Field(default=1, ge=1)
+    context_parallel: int = Field(default=1, ge=1)
+    context_parallel_replicate: int = Field(default=1, ge=1)
     pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     stages_per_rank: int = Field(default=1, ge=1)
     n_microbatches: int | None = Field(default=None, ge=1)
@@ -150,6 +156,8 @@ class ParallelSection(_Section):
             * self.data_parallel_shard
             * self.data_parallel_replicate
             * self.tensor_parallel
+            * self.context_parallel
+            * self.context_parallel_replicate
         )
 
 

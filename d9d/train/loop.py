@@ -28,6 +28,10 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseForCausalLM,
     Qwen3DenseForCausalLMParameters,
 )
+from d9d.module.parallelism.context_parallel import (
+    check_context_parallel_seq_len,
+    shard_batch_for_context_parallel,
+)
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
@@ -102,6 +106,13 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         ValueError: If the layout's process count is not the world size.
     """
     parallel = config.parallel
+    # Each CP rank trains on a head-tail share of every row: the rows must split (checked
+    # before the process groups are built, on every rank alike).
+    check_context_parallel_seq_len(
+        config.data.seq_len,
+        parallel.context_parallel * parallel.context_parallel_replicate,
+        "data.seq_len",
+    )
     if dist.is_initialized():
         world = dist.get_world_size()
     else:
@@ -111,7 +122,9 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
             f"[parallel] describes {parallel.world_size} processes (pipeline_parallel="
             f"{parallel.pipeline_parallel} x data_parallel_shard={parallel.data_parallel_shard}"
             f" x data_parallel_replicate={parallel.data_parallel_replicate} x "
-            f"tensor_parallel={parallel.tensor_parallel}), but "
+            f"tensor_parallel={parallel.tensor_parallel} x context_parallel="
+            f"{parallel.context_parallel} x context_parallel_replicate="
+            f"{parallel.context_parallel_replicate}), but "
             f"{world} were started; run it with torchrun --nproc-per-node "
             f"{parallel.world_size} -m d9d.train ..."
         )
@@ -120,6 +133,8 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         data_parallel_shard=parallel.data_parallel_shard,
         data_parallel_replicate=parallel.data_parallel_replicate,
         tensor_parallel=parallel.tensor_parallel,
+        context_parallel_shard=parallel.context_parallel,
+        context_parallel_replicate=parallel.context_parallel_replicate,
     ).build()
 
 
@@ -293,8 +308,9 @@ class Trainer:
         ]
         self.schedule = None
         if parallel.pipeline_parallel > 1:
+            local_seq = config.data.seq_len // self.ctx.cp_size
             example = {
-                key: torch.zeros(local_batch, config.data.seq_len, dtype=torch.int64)
+                key: torch.zeros(local_batch, local_seq, dtype=torch.int64)
                 for key in ("input_ids", "labels", "position_ids")
             }
             self.schedule = build_pipeline_schedule(
@@ -399,7 +415,8 @@ class Trainer:
             return loss
         (module,) = self.modules
         count = (batch["labels"] != -100).sum().to(device, torch.float32)
-        dist.all_reduce(count, group=self.ctx.dp_group)
+        # Every rank holding different tokens (data- and context-parallel) counts its own.
+        dist.all_reduce(count, group=self.ctx.dp_cp_group)
         count = count.clamp_min(1.0)
         total = torch.zeros((), device=device)
         rows = batch["input_ids"].shape[0] // self.n_microbatches
@@ -410,13 +427,15 @@ class Trainer:
             loss = module(**micro)["logps"].sum() / count
             loss.backward()
             total += loss.detach()
-        dist.all_reduce(total, group=self.ctx.dp_group)
+        dist.all_reduce(total, group=self.ctx.dp_cp_group)
         return total
 
     def train_step(self) -> StepMetrics:
         """Runs one optimizer step; returns its metrics."""
         started = time.perf_counter()
         batch = {k: v.to(self.ctx.device) for k, v in self.data.next_batch().items()}
+        # The ranks of a CP group read the same rows; each keeps its share of the tokens.
+        batch = shard_batch_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
         data_seconds = time.perf_counter() - started
         lr = self.optimizers[0].param_groups[0]["lr"]
         # Every token id and position was checked against the model before the first

@@ -68,7 +68,9 @@ def test_shard_batch_keeps_global_positions():
 
 def test_shard_batch_errors():
     batch = {"input_ids": torch.zeros(2, 10, dtype=torch.long)}
-    with pytest.raises(ValueError, match="length 10 is not divisible by 2 x context-parallel"):
+    with pytest.raises(
+        ValueError, match="sequence length 10 is not divisible by 2 x context-parallel"
+    ):
         shard_batch_for_context_parallel(batch, 0, 3)
     with pytest.raises(ValueError, match=r"= 4 \(each row is cut into 4 equal chunks"):
         shard_batch_for_context_parallel({"input_ids": torch.zeros(2, 6)}, 0, 2)

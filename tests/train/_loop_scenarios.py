@@ -25,6 +25,9 @@ LAYOUTS = {
         "parallel.data_parallel_replicate": 2,
         "parallel.tensor_parallel": 2,
     },
+    # Each CP rank trains on a head-tail share of every packed row's tokens.
+    "cp=2": {"parallel.context_parallel": 2},
+    "pp=2 x cp=2": {"parallel.pipeline_parallel": 2, "parallel.context_parallel": 2},
 }
 
 _DEGREES = (
@@ -32,6 +35,8 @@ _DEGREES = (
     "parallel.data_parallel_replicate",
     "parallel.data_parallel_shard",
     "parallel.tensor_parallel",
+    "parallel.context_parallel",
+    "parallel.context_parallel_replicate",
 )
 
 
@@ -155,6 +160,7 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     attempt("missing_file", f'data.paths=["{workdir}/nope.bin"]')
     attempt("microbatches", "parallel.n_microbatches=3")
     attempt("layout", "parallel.data_parallel_shard=2")
+    attempt("context_parallel_seq", "parallel.context_parallel=2", "data.seq_len=30")
     # A checkpoint of another model in the run's folder.
     good = Trainer(load_train_config(None, base), log=lambda _m: None)
     good.save_checkpoint()

@@ -70,9 +70,10 @@ class GroupedQueryAttention(nn.Module):
             hidden_states: ``(B, S, hidden)``.
             position_embeddings: RoPE ``(cos, sin)``, each ``(B, S, head_dim)``.
             attention_mask: ``None`` for plain causal attention; a boolean
-                ``(B, 1, S, S_kv)`` mask (True = attend, causality included) for SDPA; or
-                a FlexAttention ``BlockMask``. ``S_kv`` is ``S`` except under context
-                parallelism (all the gathered keys), which always passes a mask.
+                ``(B, 1, S, S_kv)`` mask (True = attend, causality included) or its
+                additive form (0 / -inf) for SDPA; or a FlexAttention ``BlockMask``.
+                ``S_kv`` is ``S`` except under context parallelism (all the gathered
+                keys), which always passes a mask.
         """
         batch, seq, _ = hidden_states.shape
         cos, sin = position_embeddings

@@ -86,6 +86,21 @@ def sdpa_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_document & causal).unsqueeze(1)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as SDPA's additive form: 0 or -inf.
+
+    ``scaled_dot_product_attention`` turns a boolean mask into this on every call and
+    keeps that copy for its backward: once per layer. Converted once per stage forward,
+    the one tensor is shared by every layer instead.
+
+    Args:
+        mask: A boolean mask.
+        dtype: The attention's compute dtype (SDPA wants the query's).
+    """
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~mask, float("-inf"))
+
+
 FLEX_BLOCK_SIZE = 128
 """Block size of the FlexAttention masks (create_block_mask's default)."""
 

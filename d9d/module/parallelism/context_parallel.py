@@ -46,17 +46,19 @@ from d9d.module.block.document_mask import (
 # Which tokens a CP rank holds
 
 
-def check_context_parallel_seq_len(seq_len: int, cp_size: int, what: str = "sequence") -> None:
+def check_context_parallel_seq_len(
+    seq_len: int, cp_size: int, name: str = "sequence length"
+) -> None:
     """Raises ``ValueError`` unless ``seq_len`` splits into ``2 * cp_size`` equal chunks.
 
     Args:
         seq_len: The global sequence length (tokens of one row before sharding).
         cp_size: The context-parallel degree.
-        what: Names the length in the message (e.g. ``"data.seq_len"``).
+        name: Names the length in the message (e.g. ``"data.seq_len"``).
     """
     if seq_len % (2 * cp_size):
         raise ValueError(
-            f"{what} length {seq_len} is not divisible by 2 x context-parallel degree = "
+            f"{name} {seq_len} is not divisible by 2 x context-parallel degree = "
             f"{2 * cp_size} (each row is cut into {2 * cp_size} equal chunks, two per CP rank)"
         )
 

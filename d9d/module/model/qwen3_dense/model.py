@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from d9d.core.checks import value_checks_enabled
 from d9d.module.block.document_mask import (
     AttentionBackend,
+    additive_mask,
     build_document_mask,
     resolve_attention_backend,
 )
@@ -204,6 +205,9 @@ class Qwen3DenseModel(nn.Module):
                 packed = any_packed_row(position_ids)
             if packed:
                 attention_mask = build_document_mask(position_ids, self.attention_backend)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            # One additive mask for every layer (SDPA would convert it in each).
+            attention_mask = additive_mask(attention_mask, like.dtype)
         cos, sin = self.rotary_emb(position_ids)
         return (cos.to(like.dtype), sin.to(like.dtype)), attention_mask
 
