@@ -1,27 +1,32 @@
 """The one builder of the training stack: every local pipeline stage, ready to train.
 
-For each pipeline stage this rank runs, in this order:
+For each pipeline stage this rank runs, :func:`build_stage_modules` calls each step of the
+stack once, in this order:
 
 1. build the stage module on ``meta`` (its layers come from ``PipelineStageInfo``) and
    give it the parameter dtype;
-2. apply the compile preset (``d9d.compile.apply_compile_config``): float8 linears, then
-   tensor parallelism (DTensor plans on the ``tp`` mesh dim, when it is above 1), then
-   activation checkpointing around each ``Qwen3DenseLayer``, then regional
-   ``torch.compile`` of each layer;
-3. FSDP2 (``d9d.module.parallelism``): each layer one unit, then the embedding, the norm
+2. float8 linears (``d9d.compile.apply_float8``);
+3. tensor parallelism (``apply_tensor_parallel_qwen3_dense``: DTensor plans on the ``tp``
+   mesh dim, when it is above 1), then context parallelism
+   (``apply_context_parallel_qwen3_dense``: each layer gathers K/V over the ``cp`` group,
+   when its degree is above 1; the batches are sharded by
+   ``shard_batch_for_context_parallel``);
+4. activation checkpointing around each ``Qwen3DenseLayer``
+   (``d9d.compile.apply_checkpointing``);
+5. regional ``torch.compile`` of each layer (``d9d.compile.apply_compile``);
+6. FSDP2 (``apply_fsdp_qwen3_dense``): each layer one unit, then the embedding, the norm
    with the head, and the root, with the preset's mixed-precision policy (over the
    data-parallel dims; with tensor parallelism the parameters are 2-D DTensors);
-4. ``to_empty`` on the device, then initialise: ``reset_parameters()`` from a seed, or an
+7. ``to_empty`` on the device, then initialise: ``reset_parameters()`` from a seed, or an
    HF checkpoint folder, or nothing (a DCP checkpoint will be loaded next).
 
-Float8 comes before the checkpoint policy so that the policy sees the float8 ops, and
-before tensor parallelism so that float8 linears get float8-aware styles; the TP
+Float8 comes before tensor parallelism so that float8 linears get float8-aware styles,
+and before the checkpoint policy so that the policy sees the float8 ops; the TP
 collectives then sit inside the checkpointed, compiled layer; compile wraps them all;
 FSDP2 goes around the compiled layer so that its hooks stay outside the graph;
 materialising last means no full-size model ever exists on one rank.
 """
 
-import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d9d.compile import CompileConfig, CompileReport, apply_compile_config
+from d9d.compile import (
+    CompileConfig,
+    CompileReport,
+    apply_checkpointing,
+    apply_compile,
+    apply_float8,
+    prepare_compile_config,
+)
 from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
 from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
 from d9d.module.model.qwen3_dense import (
@@ -40,9 +52,9 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseForClassificationParameters,
 )
 from d9d.module.parallelism.init import init_stage_parameters
-from d9d.module.parallelism.model.qwen3_dense import (
-    parallelize_qwen3_dense_for_causal_lm,
-    parallelize_qwen3_dense_for_classification,
+from d9d.module.parallelism.model.qwen3_dense import apply_fsdp_qwen3_dense
+from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
+    apply_context_parallel_qwen3_dense,
 )
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
@@ -102,12 +114,6 @@ def _model_class(params: ModelParameters) -> type[nn.Module]:
         "build_stage_modules takes Qwen3DenseForCausalLMParameters or "
         f"Qwen3DenseForClassificationParameters, got {type(params).__name__}"
     )
-
-
-def _parallelize_fn(params: ModelParameters) -> Callable:
-    if isinstance(params, Qwen3DenseForCausalLMParameters):
-        return parallelize_qwen3_dense_for_causal_lm
-    return parallelize_qwen3_dense_for_classification
 
 
 def build_stage_modules(
@@ -181,18 +187,29 @@ def build_stage_modules(
     for info in infos:
         logger.info("building stage %d/%d", info.current_stage + 1, info.num_stages)
         with torch.device("meta"):
-            module = model_cls(params, info, hidden_states_snapshot_mode, False)
-        module.to(param_dtype)
-        tensor_parallel = None
-        if dist_context is not None:
-            tensor_parallel = functools.partial(
-                apply_tensor_parallel_qwen3_dense, dist_context, stage=info
+            module = model_cls(
+                params,
+                info,
+                hidden_states_snapshot_mode=hidden_states_snapshot_mode,
+                enable_checkpointing=False,
             )
-        reports.append(
-            apply_compile_config(module, compile_config, before_checkpointing=tensor_parallel)
-        )
+        module.to(param_dtype)
+        report = prepare_compile_config(module, compile_config)
+        apply_float8(module, report)
+        if dist_context is not None and apply_tensor_parallel_qwen3_dense(
+            dist_context, module, info
+        ):
+            logger.info("tensor parallelism (tp=%d)", dist_context.params.tensor_parallel)
+            report.steps.append("tensor_parallel")
+        if dist_context is not None and apply_context_parallel_qwen3_dense(
+            dist_context, module, info
+        ):
+            logger.info("context parallelism (cp=%d)", dist_context.cp_size)
+            report.steps.append("context_parallel")
+        apply_checkpointing(module, report)
+        apply_compile(module, report)
         if dist_context is not None:
-            _parallelize_fn(params)(
+            apply_fsdp_qwen3_dense(
                 dist_context,
                 module,
                 info,
@@ -204,6 +221,7 @@ def build_stage_modules(
             module.model.set_compute_dtype(compute_dtype)
         module.to_empty(device=device)
         modules.append(module)
+        reports.append(report)
     _initialise(modules, init, seed, params, hidden_states_snapshot_mode)
     return StageModules(
         modules=modules,
@@ -237,7 +255,12 @@ def _initialise(
     if init == "reset":
         for module in modules:
             with torch.device("meta"):
-                shadow = _model_class(params)(params, module.stage, snapshot_mode, False)
+                shadow = _model_class(params)(
+                    params,
+                    module.stage,
+                    hidden_states_snapshot_mode=snapshot_mode,
+                    enable_checkpointing=False,
+                )
             init_stage_parameters(module, shadow, seed)
         return
     folder = Path(init)

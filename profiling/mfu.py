@@ -40,9 +40,10 @@ import torch
 from pydantic import ValidationError
 
 from d9d.compile import load_compile_config
+from d9d.core.dist_context import DeviceMeshParameters
 from d9d.profiling.benchmark import (
     BenchmarkSpec,
-    SingleProcessTrainer,
+    HarnessTrainer,
     iter_configs,
     validate_spec,
 )
@@ -351,18 +352,19 @@ def run(args, output: _Output | None = None) -> list[Record]:
     if args.packed:
         return _run_packed(args, spec, configs)
     if _is_distributed(args):
-        from d9d.profiling.distributed import ParallelLayout, iter_distributed
+        from d9d.profiling.distributed import iter_distributed
 
-        layout = ParallelLayout(
-            pp=args.pp,
-            dp_shard=args.dp_shard,
-            dp_replicate=args.dp_replicate,
-            tp=args.tp,
-            cp=args.cp,
-            cp_replicate=args.cp_replicate,
-            microbatches=args.microbatches,
+        mesh = DeviceMeshParameters(
+            pipeline_parallel=args.pp,
+            data_parallel_shard=args.dp_shard,
+            data_parallel_replicate=args.dp_replicate,
+            tensor_parallel=args.tp,
+            context_parallel_shard=args.cp,
+            context_parallel_replicate=args.cp_replicate,
         )
-        records = iter_distributed(spec, configs, layout, peak_tflops=args.peak_tflops)
+        records = iter_distributed(
+            spec, configs, mesh, n_microbatches=args.microbatches, peak_tflops=args.peak_tflops
+        )
     else:
         # Resolved before anything runs: an unknown accelerator fails in a second, not
         # after the first config's compile.
@@ -375,7 +377,7 @@ def run(args, output: _Output | None = None) -> list[Record]:
         records = iter_configs(
             spec,
             configs,
-            lambda config: SingleProcessTrainer(spec, config),
+            lambda config: HarnessTrainer(spec, config),
             lambda config: peaks[config.float8.enabled],
         )
     for record in records:

@@ -36,6 +36,11 @@ FLOAT8_DIM_MULTIPLE = 16
 _MIN_CUDA_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
 
 
+def is_float8_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a torchao float8 training linear (without importing torchao)."""
+    return type(module).__name__ == "Float8Linear"
+
+
 @dataclasses.dataclass
 class Float8Report:
     """What the float8 conversion did.

@@ -29,6 +29,7 @@ def compile_layers(layers: list[Qwen3DenseLayer], section: CompileSection) -> No
         return
     for layer in layers:
         layer.compile(backend=section.backend, fullgraph=section.fullgraph, dynamic=section.dynamic)
+        layer.is_compiled = True
 
 
 def compile_loss_kernels(model: nn.Module, section: CompileSection) -> bool:

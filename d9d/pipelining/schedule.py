@@ -15,10 +15,8 @@ sends positional tensors between stages. ``build_pipeline_schedule`` bridges the
 Every rank of a pipeline calls ``PipelineSchedule.step`` with the same local batch.
 """
 
-import contextlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
@@ -32,10 +30,10 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
-from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DistributedContext
 from d9d.pipelining.api import ModuleSupportsPipelining, PipelineStageInfo
 from d9d.pipelining.loss import PipelineLoss
+from d9d.pipelining.step import BatchContract, StepResult, global_count, reshard_after_eval
 
 SNAPSHOT_KEY = "hidden_states_snapshot"
 
@@ -125,50 +123,53 @@ def _meta_for_grad(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().requires_grad_(t.is_floating_point()) for name, t in tensors.items()}
 
 
-@dataclass
-class PipelineStepResult:
-    """What one ``PipelineSchedule.step`` returns.
-
-    Attributes:
-        loss: The global loss (summed over microbatches, data- and context-parallel
-            ranks, i.e. the global mean) on ranks holding the last stage; ``None`` elsewhere.
-        outputs: The last stage's outputs merged over microbatches, when asked for.
-    """
-
-    loss: torch.Tensor | None
-    outputs: dict[str, torch.Tensor] | None = None
+# The name this result had before the single-stage sibling shared it.
+PipelineStepResult = StepResult
 
 
 class PipelineSchedule:
-    """Runs one training step of a pipeline; build it with ``build_pipeline_schedule``."""
+    """Runs one training (or forward-only) step of a pipeline.
+
+    Build it with ``build_pipeline_schedule``. The sibling of
+    ``d9d.pipelining.step.SingleStageSchedule``: the same ``step`` / ``eval`` contract,
+    the same checks and the same loss normalisation.
+    """
 
     def __init__(
         self,
         dist_context: DistributedContext,
-        stages: list[_DictPipelineStage],
+        make_stages: Callable[[], list[_DictPipelineStage]],
         kind: PipelineScheduleKind,
         n_microbatches: int,
         loss: PipelineLoss,
         example_shapes: dict[str, tuple[int, ...]],
         validate_batch: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
     ):
-        """Builds the torch schedule over ``stages`` (use ``build_pipeline_schedule``)."""
+        """Builds the torch schedule over the stages (use ``build_pipeline_schedule``)."""
         self._dist_context = dist_context
-        self._stages = stages
+        self._make_stages = make_stages
+        self._kind = kind
+        self._stages = make_stages()
         self._loss = loss
         self.n_microbatches = n_microbatches
-        self._example_shapes = example_shapes
-        self._validate_batch = validate_batch
+        self._contract = BatchContract(loss, n_microbatches, example_shapes, validate_batch)
         self._global_count = torch.ones((), device=dist_context.device)
         # The last stage's dict is merged per key; snapshots are (layers, batch, hidden).
-        self._output_names = stages[-1].output_names
+        self._output_names = self._stages[-1].output_names
+        self._schedule = self._torch_schedule(self._stages)
+        # Forward-only steps run on a schedule of their own (built at the first eval):
+        # torch 2.13 re-initialises a schedule whose mode switches between train and
+        # eval, re-running its metadata inference and clearing the stages' gradients.
+        self._eval_schedule = None
+
+    def _torch_schedule(self, stages: list[_DictPipelineStage]):
         merge_spec = tuple(
             TensorChunkSpec(1 if name == SNAPSHOT_KEY else 0) for name in self._output_names
         )
-        schedule_cls = _SCHEDULES[kind]
-        self._schedule = schedule_cls(
-            stages if kind is PipelineScheduleKind.interleaved_1f1b else stages[0],
-            n_microbatches=n_microbatches,
+        schedule_cls = _SCHEDULES[self._kind]
+        return schedule_cls(
+            stages if self._kind is PipelineScheduleKind.interleaved_1f1b else stages[0],
+            n_microbatches=self.n_microbatches,
             loss_fn=self._normalised_loss,
             output_merge_spec=merge_spec,
             # The loss is already normalised by the global count: no per-microbatch scaling.
@@ -177,7 +178,7 @@ class PipelineSchedule:
 
     @property
     def has_last_stage(self) -> bool:
-        """Whether this rank runs the last stage (and so sees the loss)."""
+        """Whether this rank runs the last stage (and so gets the merged outputs)."""
         return any(stage.is_last for stage in self._stages)
 
     def _normalised_loss(
@@ -186,9 +187,54 @@ class PipelineSchedule:
         named = dict(zip(self._output_names, outputs, strict=True))
         return self._loss(named, target) / self._global_count
 
-    def step(
-        self, batch: dict[str, torch.Tensor], return_outputs: bool = False
-    ) -> PipelineStepResult:
+    def _run(
+        self, batch: dict[str, torch.Tensor], backward: bool, return_outputs: bool
+    ) -> StepResult:
+        self._contract.check(batch)
+        ctx = self._dist_context
+        target = batch[self._loss.target_key]
+        # Every rank holding different tokens (data- and context-parallel) counts its own.
+        self._global_count = global_count(self._loss, target, ctx.device, ctx.dp_cp_group)
+        side_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+        has_first = any(stage.is_first for stage in self._stages)
+        args = (batch["input_ids"],) if has_first else ()
+        losses: list[torch.Tensor] = []
+        if backward:
+            with self._contract.prevalidated():
+                merged = self._schedule.step(
+                    *args,
+                    target=target,
+                    losses=losses,
+                    return_outputs=return_outputs,
+                    **side_inputs,
+                )
+        else:
+            if self._eval_schedule is None:
+                self._eval_schedule = self._torch_schedule(self._make_stages())
+            modules = [stage.submod for stage in self._stages]
+            # The eval schedule's one-time set-up clears FSDP gradients: keep them.
+            kept = [(p, p.grad) for m in modules for p in m.parameters()]
+            with torch.no_grad(), self._contract.prevalidated():
+                merged = self._eval_schedule.eval(
+                    *args, target=target, losses=losses, **side_inputs
+                )
+            reshard_after_eval(modules)
+            for param, grad in kept:
+                param.grad = grad
+        total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        if self.has_last_stage:
+            total += torch.stack(losses).sum().detach().float()
+        # The last stage's ranks hold the loss: sum it over the data- and context-parallel
+        # ranks, then share it along the pipeline so that every rank reports the same number.
+        dist.all_reduce(total, group=ctx.dp_cp_group)
+        if ctx.pp_size > 1:
+            dist.all_reduce(total, group=ctx.pp_group)
+        outputs = None
+        if return_outputs and self.has_last_stage and merged is not None:
+            outputs = dict(zip(self._output_names, merged, strict=True))
+        return StepResult(loss=total, num_items=self._global_count, outputs=outputs)
+
+    def step(self, batch: dict[str, torch.Tensor], return_outputs: bool = False) -> StepResult:
         """Runs forward and backward over all microbatches of ``batch``.
 
         Gradients are accumulated into the stage modules (FSDP reduces them once, at
@@ -202,7 +248,7 @@ class PipelineSchedule:
                 microbatches (``hidden_states_snapshot`` along its batch dim 1).
 
         Returns:
-            The step result.
+            The step result: the global mean loss on every rank.
 
         Raises:
             ValueError: Before any communication, on every rank given the same batch: if
@@ -210,71 +256,24 @@ class PipelineSchedule:
                 the schedule was built for (the stages' buffers are sized by it), or if
                 the batch's values fail ``validate_batch``.
         """
-        self._check_batch(batch)
-        if self._validate_batch is not None:
-            self._validate_batch(batch)
-        target = batch[self._loss.target_key]
-        count = self._loss.count(target).to(self._dist_context.device, torch.float32)
-        # Every rank holding different tokens (data- and context-parallel) counts its own.
-        dist.all_reduce(count, group=self._dist_context.dp_cp_group)
-        self._global_count = count.clamp_min(1.0)
-        side_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-        has_first = any(stage.is_first for stage in self._stages)
-        args = (batch["input_ids"],) if has_first else ()
-        losses: list[torch.Tensor] = []
-        # The batch was validated as a whole: the stages skip their per-microbatch checks
-        # (each one a host sync).
-        prevalidated = (
-            inputs_prevalidated() if self._validate_batch is not None else contextlib.nullcontext()
-        )
-        with prevalidated:
-            merged = self._schedule.step(
-                *args,
-                target=target,
-                losses=losses,
-                return_outputs=return_outputs,
-                **side_inputs,
-            )
-        if not self.has_last_stage:
-            return PipelineStepResult(loss=None)
-        loss = torch.stack(losses).sum().detach()
-        dist.all_reduce(loss, group=self._dist_context.dp_cp_group)
-        if return_outputs:
-            merged = dict(zip(self._output_names, merged, strict=True))
-        return PipelineStepResult(loss=loss, outputs=merged if return_outputs else None)
+        return self._run(batch, backward=True, return_outputs=return_outputs)
 
-    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
-        expected = self._example_shapes
-        required = {"input_ids", self._loss.target_key}
-        missing = sorted((required | expected.keys()) - batch.keys())
-        unexpected = sorted(batch.keys() - expected.keys())
-        if missing or unexpected:
-            raise ValueError(
-                f"the batch keys {sorted(batch)} differ from those the schedule was built "
-                f"for {sorted(expected)}: missing {missing}, unexpected {unexpected}"
-            )
-        rows = batch["input_ids"].shape[0] if batch["input_ids"].dim() else None
-        expected_rows = expected["input_ids"][0]
-        if rows != expected_rows:
-            raise ValueError(
-                f"batch size {rows} does not match the schedule's: it was built for "
-                f"{expected_rows} rows (n_microbatches={self.n_microbatches} of "
-                f"{expected_rows // self.n_microbatches} rows); build a schedule for "
-                "this batch size, or pad the batch"
-            )
-        wrong = {
-            key: (tuple(batch[key].shape), shape)
-            for key, shape in expected.items()
-            if tuple(batch[key].shape) != shape
-        }
-        if wrong:
-            details = ", ".join(
-                f"{key} {got} (expected {want})" for key, (got, want) in wrong.items()
-            )
-            raise ValueError(
-                f"batch shapes differ from the example batch the schedule was built for "
-                f"(n_microbatches={self.n_microbatches}): {details}"
-            )
+    def eval(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """Runs the forward only (``torch.no_grad``) over all microbatches of ``batch``.
+
+        Uses the torch schedule's forward-only path; no gradient is touched. The stage
+        modules' train/eval mode is the caller's.
+
+        Args:
+            batch: As for :meth:`step`.
+
+        Returns:
+            The global mean loss and its count, on every rank.
+
+        Raises:
+            ValueError: As for :meth:`step`.
+        """
+        return self._run(batch, backward=False, return_outputs=False)
 
 
 def build_pipeline_schedule(
@@ -335,24 +334,31 @@ def build_pipeline_schedule(
     multi = kind is PipelineScheduleKind.interleaved_1f1b
     if not multi and len(stage_infos) != 1:
         raise ValueError(f"schedule {kind.value!r} runs exactly one stage per rank")
-    stages = []
-    for module, info in zip(stage_modules, stage_infos, strict=True):
+    metas = []
+    for module in stage_modules:
         if not isinstance(module, ModuleSupportsPipelining):
             raise ValueError(f"{type(module).__name__} does not implement ModuleSupportsPipelining")
         inputs = module.infer_stage_inputs_from_pipeline_inputs(example_batch, n_microbatches)
         outputs = module.infer_stage_outputs_from_pipeline_inputs(example_batch, n_microbatches)
-        stages.append(
+        metas.append((_meta_for_grad(inputs), _meta_for_grad(outputs)))
+
+    def make_stages() -> list[_DictPipelineStage]:
+        return [
             _DictPipelineStage(
                 module,
                 info.current_stage,
                 num_stages,
                 dist_context.device,
                 dist_context.pp_group,
-                _meta_for_grad(inputs),
-                _meta_for_grad(outputs),
+                inputs,
+                outputs,
             )
-        )
+            for module, info, (inputs, outputs) in zip(
+                stage_modules, stage_infos, metas, strict=True
+            )
+        ]
+
     example_shapes = {key: tuple(value.shape) for key, value in example_batch.items()}
     return PipelineSchedule(
-        dist_context, stages, kind, n_microbatches, loss, example_shapes, validate_batch
+        dist_context, make_stages, kind, n_microbatches, loss, example_shapes, validate_batch
     )

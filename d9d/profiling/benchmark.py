@@ -27,6 +27,7 @@ The synthetic batch is one fixed random batch: token values do not change the wo
 """
 
 import contextlib
+import dataclasses
 import gc
 import math
 import platform
@@ -41,10 +42,15 @@ from typing import Protocol
 import torch
 from torch import nn
 from torch._inductor.utils import fresh_cache
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from d9d.compile import CompileConfig, CompileReport
+from d9d.core.dist_context import DistributedContext
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.module.parallelism.context_parallel import shard_batch_for_context_parallel
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.step import build_schedule
 from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
 from d9d.profiling.flops import training_flops_per_token
 from d9d.profiling.memory import (
@@ -52,11 +58,12 @@ from d9d.profiling.memory import (
     measure_cpu_step_memory,
     retained_forward_bytes,
 )
-from d9d.profiling.peak import PeakFlops
+from d9d.profiling.peak import PeakFlops, dtype_name
 from d9d.profiling.report import ProfileRecord, Record, SkippedRecord
 from d9d.profiling.support import unsupported_reason
 from d9d.profiling.timers import DeviceClock, StepTimes
 from d9d.stack import build_stage_modules
+from d9d.train.mixed_precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -96,37 +103,6 @@ class BenchmarkSpec:
     seed: int = 0
     cold_compile: bool = False
     mixed_precision: bool = False
-
-
-def with_precision(
-    spec: BenchmarkSpec, compile_config: CompileConfig | None
-) -> tuple[CompileConfig, torch.dtype, str]:
-    """The preset with the run's precision, the parameter dtype, and a label for the report.
-
-    With ``spec.mixed_precision`` the preset's ``[fsdp]`` section gets
-    ``param_dtype = spec.dtype`` and ``reduce_dtype = float32`` and parameters are fp32;
-    otherwise the preset is used as it is, with parameters in ``spec.dtype``.
-
-    Args:
-        spec: The run.
-        compile_config: The compile preset (``None``: eager).
-
-    Returns:
-        ``(config, param_dtype, label)``.
-    """
-    config = compile_config or CompileConfig(name="eager")
-    dtype = _dtype_name(spec.dtype)
-    if spec.mixed_precision and spec.dtype != torch.float32:
-        fsdp = config.fsdp.model_copy(update={"param_dtype": dtype, "reduce_dtype": "float32"})
-        config = config.model_copy(update={"fsdp": fsdp})
-        label = f"mixed: float32 parameters and optimizer, {dtype} compute, float32 reduce"
-        return config, torch.float32, label
-    if config.fsdp.is_mixed_precision:  # the preset itself asks for casting
-        compute = config.fsdp.param_dtype or dtype
-        reduce = config.fsdp.reduce_dtype or dtype
-        label = f"mixed (preset): {dtype} parameters, {compute} compute, {reduce} reduce"
-        return config, spec.dtype, label
-    return config, spec.dtype, f"pure {dtype}: parameters, optimizer state and compute"
 
 
 def validate_spec(spec: BenchmarkSpec) -> None:
@@ -216,32 +192,75 @@ def synthetic_batch(spec: BenchmarkSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids.to(spec.device), labels.to(spec.device)
 
 
-class SingleProcessTrainer:
-    """The whole causal LM in one process."""
+class HarnessTrainer:
+    """This rank's stages as the training stack builds them, AdamW, and a synthetic batch.
 
-    def __init__(self, spec: BenchmarkSpec, compile_config: CompileConfig | None):
-        """Builds the model with ``d9d.stack.build_stage_modules`` and AdamW.
+    One process (``dist_context=None``) or one rank under ``torchrun``; the steps run
+    through the one step object (``d9d.pipelining.step.build_schedule``: the single stage,
+    or a 1F1B pipeline schedule), so the loss is normalised as in training.
+    """
+
+    def __init__(
+        self,
+        spec: BenchmarkSpec,
+        compile_config: CompileConfig | None,
+        dist_context: DistributedContext | None = None,
+        n_microbatches: int = 1,
+    ):
+        """Builds the stages with ``d9d.stack.build_stage_modules``, AdamW and the step.
 
         Args:
-            spec: The run.
+            spec: The run (``batch_size`` is per data-parallel rank).
             compile_config: The compile preset, or ``None`` for plain eager.
+            dist_context: The distributed context (``None``: one process).
+            n_microbatches: Microbatches per step (pipeline microbatches under ``pp``).
         """
-        compile_config, param_dtype, self.precision = with_precision(spec, compile_config)
+        precision = resolve_precision(compile_config, spec.dtype, mixed=spec.mixed_precision)
+        self.precision = precision.label
         stack = build_stage_modules(
-            spec.params, compile_config, param_dtype=param_dtype, device=spec.device, seed=spec.seed
+            spec.params,
+            precision.compile_config,
+            dist_context,
+            param_dtype=precision.param_dtype,
+            device=None if dist_context is not None else spec.device,
+            seed=spec.seed,
         )
         (model,) = stack.modules
         self.float8_summary = float8_summary(stack.reports[0])
         self.module = model
+        # The activation-memory probe runs the whole backbone in one forward call.
+        self.measures_activations = len(stack.modules) == 1 and stack.infos[0].num_stages == 1
+        if dist_context is not None and dist_context.is_main_process:
+            # What tensor parallelism and FSDP2 save: the parameters this rank stores.
+            local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+            print(
+                f"parameter memory on rank 0: {local_bytes / 2**20:.2f} MiB (local shards)",
+                file=sys.stderr,
+                flush=True,
+            )
         optimizer, self.optimizer_label = make_adamw(model.parameters())
         self.optimizers = [optimizer]
-        self.input_ids, self.labels = synthetic_batch(spec)
+        # Each data-parallel rank reads its own samples; pipeline, TP and CP peers the
+        # same, and each CP rank keeps its head-tail share of every row.
+        dp_rank = dist_context.dp_rank if dist_context is not None else 0
+        input_ids, labels = synthetic_batch(dataclasses.replace(spec, seed=spec.seed + dp_rank))
+        self.batch = {"input_ids": input_ids, "labels": labels}
+        if dist_context is not None:
+            self.batch = shard_batch_for_context_parallel(
+                self.batch, dist_context.cp_rank, dist_context.cp_size
+            )
+        self.schedule = build_schedule(
+            stack.dist_context,
+            stack.modules,
+            stack.infos,
+            self.batch,
+            n_microbatches,
+            CausalLMLoss(),
+        )
 
     def forward_backward(self) -> torch.Tensor:
-        """Forward, mean per-token NLL, backward."""
-        loss = self.module(input_ids=self.input_ids, labels=self.labels)["logps"].mean()
-        loss.backward()
-        return loss.detach()
+        """One step's forward and backward; the global mean loss."""
+        return self.schedule.step(self.batch).loss
 
     def forward_only(self) -> dict[str, torch.Tensor]:
         """One backbone forward with autograd on; its output keeps the layers' activations.
@@ -249,13 +268,18 @@ class SingleProcessTrainer:
         The head is left out: what it keeps (the logits) does not depend on the
         activation-checkpoint policy that this number is there to compare.
         """
-        return self.module.model(input_ids=self.input_ids)
+        inputs = {k: v for k, v in self.batch.items() if k in ("input_ids", "position_ids")}
+        return self.module.model(**inputs)
 
     def optimizer_step(self) -> None:
         """AdamW step, then gradients to ``None`` (frees them between steps)."""
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def device_name(device: torch.device) -> str:
@@ -344,9 +368,10 @@ def run_benchmark(
 
         memory = measure_cpu_step_memory(one_step, trainer.module, trainer.optimizers, spec.device)
     # Only a trainer that runs the whole model in one forward call can be measured so.
-    forward_only = getattr(trainer, "forward_only", None)
     activation_bytes = (
-        retained_forward_bytes(forward_only, spec.device) if forward_only is not None else None
+        retained_forward_bytes(trainer.forward_only, spec.device)
+        if getattr(trainer, "measures_activations", False)
+        else None
     )
     if spec.trace_dir is not None:
         path = _trace(trainer, spec, config_name, rank)
@@ -363,7 +388,7 @@ def run_benchmark(
         model=spec.params.model_dump(),
         device=str(spec.device),
         device_name=device_name(spec.device),
-        dtype=_dtype_name(spec.dtype),
+        dtype=dtype_name(spec.dtype),
         precision=getattr(trainer, "precision", ""),
         float8=float8,
         float8_summary=getattr(trainer, "float8_summary", None),
@@ -400,10 +425,6 @@ def run_benchmark(
         loss_last=losses[-1],
         torch_version=torch.__version__,
     )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def release_memory(device: torch.device) -> None:
@@ -466,7 +487,7 @@ def iter_configs(
                 reason=reason,
                 model_preset=spec.model_preset,
                 device=str(spec.device),
-                dtype=_dtype_name(spec.dtype),
+                dtype=dtype_name(spec.dtype),
                 float8=float8,
             )
 

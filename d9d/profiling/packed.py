@@ -34,6 +34,8 @@ from d9d.compile import CompileConfig
 from d9d.dataset import materialize_rows, plan_packed_rows
 from d9d.module.block.document_mask import build_document_mask, document_ids_from_position_ids
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.step import SingleStageSchedule
 from d9d.profiling.benchmark import device_name, make_adamw, release_memory
 from d9d.profiling.flops import packed_training_flops_per_token
 from d9d.profiling.peak import PeakFlops
@@ -88,23 +90,21 @@ class PackedRecord:
     mfu: float
 
 
-def _train_steps(model, optimizer, batches, device, warmup: int) -> tuple[list[float], int]:
+def _train_steps(schedule, optimizer, batches, device, warmup: int) -> tuple[list[float], int]:
     times, useful = [], 0
     for index, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        logps = model(**batch)["logps"]
-        num_trained = (batch["labels"] != -100).sum()
-        (logps.sum() / num_trained.clamp_min(1)).backward()
+        result = schedule.step(batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)
-            useful += int(num_trained)
+            useful += int(result.num_items)
     return times, useful
 
 
@@ -170,8 +170,9 @@ def run_packed_benchmark(
             stack = build_stage_modules(params, config, param_dtype=dtype, device=device, seed=seed)
             (model,) = stack.modules
             optimizer, _ = make_adamw(model.parameters())
+            schedule = SingleStageSchedule(model, CausalLMLoss())
             log(f"[{config.name}/{layout}] {warmup} warm-up + {steps} measured steps")
-            times, useful = _train_steps(model, optimizer, batches, device, warmup)
+            times, useful = _train_steps(schedule, optimizer, batches, device, warmup)
             flops = packed_training_flops_per_token(params, doc_lengths[layout])
             tokens_per_second = useful / sum(times)
             achieved = tokens_per_second * flops.total
@@ -190,7 +191,7 @@ def run_packed_benchmark(
                     mfu=achieved / peak.flops_per_second,
                 )
             )
-            del stack, model, optimizer
+            del stack, model, optimizer, schedule
             release_memory(device)
     corpus = {
         "num_documents": len(lengths),

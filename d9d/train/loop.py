@@ -3,10 +3,11 @@
 ``Trainer(config)`` validates everything it can before the first step (files, vocabulary,
 batch shape, layout, checkpoint), builds this rank's pipeline stages with the training
 stack's builder, and resumes from the latest complete checkpoint. ``Trainer.run()`` then
-steps: data -> forward/backward (a pipeline schedule when ``pipeline_parallel > 1``) ->
-clipping by the global norm -> AdamW (skipped on a non-finite norm) -> LR schedule ->
-one log line and one JSON line in ``<output_dir>/metrics.jsonl`` -> checkpoint (its save
-time goes to ``<output_dir>/checkpoints.jsonl``).
+steps: data -> forward/backward (``d9d.pipelining.step.build_schedule``: a pipeline
+schedule or the single stage, one loss normalisation) -> clipping by the global norm ->
+AdamW (skipped on a non-finite norm) -> LR schedule -> one log line and one JSON line in
+``<output_dir>/metrics.jsonl`` -> checkpoint (its save time goes to
+``<output_dir>/checkpoints.jsonl``).
 """
 
 import json
@@ -34,7 +35,7 @@ from d9d.module.parallelism.context_parallel import (
 )
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.profiling.flops import training_flops_per_token
 from d9d.profiling.model_presets import get_model_preset
 from d9d.profiling.peak import resolve_peak_flops
@@ -306,22 +307,22 @@ class Trainer:
             )
             for optimizer in self.optimizers
         ]
-        self.schedule = None
-        if parallel.pipeline_parallel > 1:
-            local_seq = config.data.seq_len // self.ctx.cp_size
-            example = {
-                key: torch.zeros(local_batch, local_seq, dtype=torch.int64)
-                for key in ("input_ids", "labels", "position_ids")
-            }
-            self.schedule = build_pipeline_schedule(
-                self.ctx,
-                self.modules,
-                list(self.stages.infos),
-                example,
-                self.n_microbatches,
-                CausalLMLoss(),
-                kind=parallel.pipeline_schedule,
-            )
+        # Under context parallelism each rank's rows hold its share of the tokens.
+        local_seq = config.data.seq_len // self.ctx.cp_size
+        example = {
+            key: torch.zeros(local_batch, local_seq, dtype=torch.int64)
+            for key in ("input_ids", "labels", "position_ids")
+        }
+        # One step object for every layout: a pipeline schedule or the single stage.
+        self.schedule = build_schedule(
+            self.ctx,
+            self.modules,
+            list(self.stages.infos),
+            example,
+            self.n_microbatches,
+            CausalLMLoss(),
+            kind=parallel.pipeline_schedule,
+        )
         self.checkpoints = CheckpointManager(
             config.checkpoint_folder, keep_last=config.checkpoint.keep_last
         )
@@ -403,33 +404,6 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Returns the global mean loss on every rank.
-        device = self.ctx.device
-        if self.schedule is not None:
-            result = self.schedule.step(batch)
-            loss = result.loss if result.loss is not None else torch.zeros((), device=device)
-            loss = loss.detach().float().clone()
-            # Only last-stage ranks see the loss; share it along the pipeline for logging.
-            dist.all_reduce(loss, group=self.ctx.pp_group)
-            return loss
-        (module,) = self.modules
-        count = (batch["labels"] != -100).sum().to(device, torch.float32)
-        # Every rank holding different tokens (data- and context-parallel) counts its own.
-        dist.all_reduce(count, group=self.ctx.dp_cp_group)
-        count = count.clamp_min(1.0)
-        total = torch.zeros((), device=device)
-        rows = batch["input_ids"].shape[0] // self.n_microbatches
-        for i in range(self.n_microbatches):
-            micro = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
-            # Summed NLL over the global count: FSDP sums gradients over data-parallel
-            # ranks, so this is the single-device gradient of the global mean.
-            loss = module(**micro)["logps"].sum() / count
-            loss.backward()
-            total += loss.detach()
-        dist.all_reduce(total, group=self.ctx.dp_cp_group)
-        return total
-
     def train_step(self) -> StepMetrics:
         """Runs one optimizer step; returns its metrics."""
         started = time.perf_counter()
@@ -441,7 +415,7 @@ class Trainer:
         # Every token id and position was checked against the model before the first
         # step: the stages skip their per-microbatch value checks (host syncs).
         with inputs_prevalidated():
-            loss = self._forward_backward(batch)
+            loss = self.schedule.step(batch).loss
         clip_started = time.perf_counter()
         norm = clip_grad_norm_(
             self.stages.parameters(), self.config.clip.max_norm, pp_group=self.ctx.pp_group

@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from d9d.compile import CompileConfig, apply_compile_config, get_compile_report, load_compile_config
+from d9d.compile import CompileConfig, apply_compile_config, load_compile_config
 from d9d.compile.activation_checkpointing import CheckpointedQwen3DenseLayer
 from d9d.module.block.chunked_nll import compiled_nll_kernels
 from d9d.module.model.qwen3_dense import (
@@ -49,11 +49,12 @@ def test_steps_run_and_are_logged_in_order(caplog):
     model = build_causal_lm(2)
     with caplog.at_level(logging.INFO, logger="d9d.compile"):
         report = apply_compile_config(model, ALL_STEPS)
-    assert get_compile_report(model) is report
     assert report.steps == ["float8", "activation_checkpointing", "compile", "compile_loss"]
     assert report.num_layers == 2 and report.config is ALL_STEPS
-    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert [s.split(":")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3", "step 3/3"]
+    messages = [r.getMessage() for r in caplog.records]
+    order = ["float8 (", "activation checkpointing (", "regional torch.compile", "fused compiled"]
+    logged = [next(i for i, m in enumerate(messages) if m.startswith(o)) for o in order]
+    assert logged == sorted(logged), messages
     assert model.lm_head.nll_kernels is compiled_nll_kernels(ALL_STEPS.compile.backend)
     assert any(
         "kept lm_head.lm_head.text in high precision" in r.getMessage() for r in caplog.records
@@ -62,12 +63,22 @@ def test_steps_run_and_are_logged_in_order(caplog):
         # Still a Qwen3DenseLayer in the ModuleDict (one FSDP2 unit), with the policy and
         # the compiled call inside it.
         assert isinstance(layer, CheckpointedQwen3DenseLayer) and isinstance(layer, Qwen3DenseLayer)
-        assert layer._compiled_call_impl is not None
+        assert layer.is_compiled and layer.checkpoint_policy is report.checkpoint_policy
 
 
-def test_applying_twice_is_refused():
-    model = with_compile_config(build_causal_lm(2), load_compile_config("eager"))
-    with pytest.raises(ValueError, match="'eager' was already applied"):
+@pytest.mark.parametrize(
+    ("first", "why"),
+    [
+        ("compile_sac", "its layers are compiled"),
+        (CompileConfig(activation_checkpointing={"mode": "full"}), "its layers are checkpointed"),
+        (CompileConfig(float8={"enabled": True}), "it holds float8 linears"),
+    ],
+)
+def test_applying_twice_is_refused(first, why):
+    # Read off the model itself: what a config did is visible on its layers and linears.
+    first = load_compile_config(first) if isinstance(first, str) else first
+    model = with_compile_config(build_causal_lm(2), first)
+    with pytest.raises(ValueError, match=rf"already applied to this model \({why}\)"):
         apply_compile_config(model, load_compile_config("compile_sac"))
 
 
@@ -149,17 +160,17 @@ def test_state_dict_round_trip_between_compiled_and_eager():
 
 
 def test_classification_model_on_a_later_pipeline_stage():
-    def build(apply: bool):
+    def build():
         torch.manual_seed(3)
-        model = Qwen3DenseForClassification(
+        return Qwen3DenseForClassification(
             small_classification_params(num_hidden_layers=4, **TINY),
             PipelineStageInfo(1, 2),
             "no",
             False,
         )
-        return with_compile_config(model, ALL_STEPS) if apply else model
 
-    model, reference = build(True), build(False)
+    model, reference = build(), build()
+    report = apply_compile_config(model, ALL_STEPS)
     assert list(model.model.layers) == ["2", "3"]
     hidden = torch.randn(2, 8, TINY["hidden_size"], requires_grad=True)
     outs = [m(hidden_states=hidden)["scores"] for m in (model, reference)]
@@ -167,7 +178,7 @@ def test_classification_model_on_a_later_pipeline_stage():
     torch.testing.assert_close(outs[0], outs[1], rtol=0.1, atol=0.1)
     outs[0].sum().backward()
     assert hidden.grad is not None and sum(counters["graph_break"].values()) == 0
-    assert get_compile_report(model).float8.skipped["cls_head.score"].startswith("matches")
+    assert report.float8.skipped["cls_head.score"].startswith("matches")
 
 
 def test_backbone_alone():
@@ -175,10 +186,10 @@ def test_backbone_alone():
     model = Qwen3DenseModel(
         small_model_params(num_hidden_layers=2, **TINY), PipelineStageInfo(0, 1), "no", False
     )
-    apply_compile_config(model, ALL_STEPS)
+    report = apply_compile_config(model, ALL_STEPS)
     input_ids, _ = make_batch(2, 8)
     model(input_ids=input_ids)["hidden_states"].sum().backward()
-    assert get_compile_report(model).num_layers == 2
+    assert report.num_layers == 2
     assert sum(counters["graph_break"].values()) == 0
     # No head, so no loss kernels: the layer graph only.
     assert counters["stats"]["unique_graphs"] == 1

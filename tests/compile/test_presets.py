@@ -17,7 +17,6 @@ from d9d.compile import (
     PRESET_DIR,
     CompileConfig,
     apply_compile_config,
-    get_compile_report,
     load_compile_config,
 )
 from tests.helpers import build_causal_lm, train_step, with_compile_config
@@ -63,10 +62,10 @@ def _assert_close(actual, expected, tolerance, what):
         )
 
 
-def _check_float8_swap(model, config: CompileConfig):
+def _check_float8_swap(model, report, config: CompileConfig):
     from torchao.float8.float8_linear import Float8Linear
 
-    report = get_compile_report(model).float8
+    report = report.float8
     swapped = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if not config.float8.enabled:
@@ -102,8 +101,8 @@ def test_preset(preset: str):
             apply_compile_config(build_causal_lm(2), config)
         return
 
-    model = with_compile_config(build_causal_lm(2), config)
-    _check_float8_swap(model, config)
+    model = build_causal_lm(2)
+    _check_float8_swap(model, apply_compile_config(model, config), config)
     first = train_step(model, batch=2, seq=16, seed=0)
     after_first = _graph_stats()
     print(f"{preset}: after the first step {after_first}")

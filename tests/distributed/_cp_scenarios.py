@@ -23,7 +23,7 @@ from d9d.module.parallelism.context_parallel import (
 )
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
 from tests.helpers import guarded, rel_err, small_causal_lm_params
 
@@ -212,26 +212,33 @@ def run_cp_layout(
         step: dict = {}
         with counter.active() as counts:
             before = dict(counts)
-            if schedule is None:
+            if snapshot == "mean":
+                # A loss on the snapshot too, which the loss objects do not express.
                 (model,) = stack.modules
                 out = model(**local)
                 count = (local["labels"] != -100).sum().float()
                 dist.all_reduce(count, group=ctx.dp_cp_group)
-                loss = out["logps"].sum() / count
-                if snapshot == "mean":
-                    # Every CP rank holds the same whole-row snapshot; each rank's loss is
-                    # one term of the global loss, so each counts 1 / cp of it.
-                    snap = out["hidden_states_snapshot"]
-                    loss = loss + SNAPSHOT_WEIGHT * snap.sum() / ctx.cp_size
-                    step["snapshot_rel"] = rel_err(snap, expected["snapshot"][:, rows])
+                # Every CP rank holds the same whole-row snapshot; each rank's loss is one
+                # term of the global loss, so each counts 1 / cp of it.
+                snap = out["hidden_states_snapshot"]
+                loss = out["logps"].sum() / count + SNAPSHOT_WEIGHT * snap.sum() / ctx.cp_size
+                step["snapshot_rel"] = rel_err(snap, expected["snapshot"][:, rows])
                 loss.backward()
                 loss = loss.detach()
                 dist.all_reduce(loss, group=ctx.dp_cp_group)
                 logps, has_last = out["logps"], True
             else:
                 if pipe is None:
-                    pipe = build_pipeline_schedule(
-                        ctx, stack.modules, stack.infos, local, 2, CausalLMLoss(), kind=schedule
+                    # The one step object: the single stage, or a pipeline schedule.
+                    microbatches = 2 if schedule else 1
+                    pipe = build_schedule(
+                        ctx,
+                        stack.modules,
+                        stack.infos,
+                        local,
+                        microbatches,
+                        CausalLMLoss(),
+                        kind=schedule or "1f1b",
                     )
                 out = pipe.step(local, return_outputs=True)
                 loss, has_last = out.loss, pipe.has_last_stage

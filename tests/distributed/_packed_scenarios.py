@@ -7,7 +7,6 @@ documents, and continuation chunks whose positions do not restart.
 """
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -16,7 +15,7 @@ from d9d.dataset import pack_documents
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
 from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
 
@@ -95,21 +94,13 @@ def run_packed_layout(mesh: dict, schedule: str | None = None, compile_config=No
     infos = [PipelineStageInfo(s, ctx.pp_size) for s in ctx.local_pipeline_stages(1)]
     models = _build_stages(ctx, ref.state_dict(), compile_config)
     loss_fn = CausalLMLoss()
-    if schedule is None:
-        (model,) = models
-        logps = model(**local)["logps"]
-        count = loss_fn.count(local["labels"]).float()
-        dist.all_reduce(count, group=ctx.dp_group)
-        loss = loss_fn({"logps": logps}, local["labels"]) / count
-        loss.backward()
-        loss = loss.detach()
-        dist.all_reduce(loss, group=ctx.dp_group)
-        has_last = True
-    else:
-        pipe = build_pipeline_schedule(ctx, models, infos, local, 4, loss_fn, kind=schedule)
-        step = pipe.step(local, return_outputs=True)
-        loss, has_last = step.loss, pipe.has_last_stage
-        logps = step.outputs["logps"] if has_last else None
+    n_microbatches = 4 if schedule is not None else 1
+    pipe = build_schedule(
+        ctx, models, infos, local, n_microbatches, loss_fn, kind=schedule or "1f1b"
+    )
+    step = pipe.step(local, return_outputs=True)
+    loss, has_last = step.loss, pipe.has_last_stage
+    logps = step.outputs["logps"] if has_last else None
     result: dict = {"graph_breaks": sum(dynamo_utils.counters["graph_break"].values())}
     result["graph_breaks"] -= breaks_before
     if has_last:

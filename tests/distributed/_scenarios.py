@@ -29,6 +29,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
 from tests.helpers import (
     DIST_MODEL_KW,
@@ -169,8 +170,8 @@ def run_layout(
     Args:
         mesh: ``DeviceMeshParameters`` fields.
         kind: ``"causal_lm"`` or ``"classification"``.
-        schedule: A ``PipelineScheduleKind`` value, or ``None`` for a plain
-            forward/backward (no pipelining).
+        schedule: A ``PipelineScheduleKind`` value, or ``None`` without pipelining
+            (the single-stage step object).
         stages_per_rank: Pipeline stages per rank.
         n_microbatches: Microbatches per step.
         snapshot: Hidden-state snapshot mode.
@@ -191,22 +192,13 @@ def run_layout(
     models = _build_stages(ctx, kind, snapshot, ref.state_dict(), config, stages_per_rank)
     loss_fn = CausalLMLoss() if kind == "causal_lm" else ClassificationLoss()
     result: dict = {"layout": mesh, "schedule": schedule}
-    if schedule is None:
-        (model,) = models
-        outputs = model(**{k: v for k, v in local.items() if k != "labels" or kind == "causal_lm"})
-        count = loss_fn.count(local["labels"]).float()
-        dist.all_reduce(count, group=ctx.dp_group)
-        loss = loss_fn(outputs, local["labels"]) / count
-        loss.backward()
-        loss = loss.detach()
-        dist.all_reduce(loss, group=ctx.dp_group)
-        has_last = True
-    else:
-        pipe = build_pipeline_schedule(
-            ctx, models, infos, local, n_microbatches, loss_fn, kind=schedule
-        )
-        step = pipe.step(local, return_outputs=True)
-        loss, outputs, has_last = step.loss, step.outputs, pipe.has_last_stage
+    # The one step object: the single stage (gradient accumulation over the
+    # microbatches, one FSDP reduction) or the pipeline schedule.
+    pipe = build_schedule(
+        ctx, models, infos, local, n_microbatches, loss_fn, kind=schedule or "1f1b"
+    )
+    step = pipe.step(local, return_outputs=True)
+    loss, outputs, has_last = step.loss, step.outputs, pipe.has_last_stage
     if has_last:
         result["loss_diff"] = (loss - ref_loss).abs().item()
         head = "logps" if kind == "causal_lm" else "scores"
@@ -223,6 +215,19 @@ def run_layout(
     result["all_params"] = sorted(ref_grads)
     result["graph_breaks"] = sum(dynamo_utils.counters["graph_break"].values()) - breaks_before
     result["new_graphs"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
+
+    # Forward only, through the same step object: the same global loss, gradients untouched.
+    def local_grads() -> list[torch.Tensor]:
+        # Local shards: torch.equal on DTensors would run a collective per parameter.
+        grads = [p.grad for m in models for p in m.parameters()]
+        return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+    before = [g.clone() for g in local_grads()]
+    evaluated = pipe.eval(local)
+    result["eval_loss_diff"] = (evaluated.loss - ref_loss).abs().item()
+    result["eval_kept_grads"] = all(
+        g is not None and torch.equal(a, g) for a, g in zip(before, local_grads(), strict=True)
+    )
     result["reshard_after_forward"] = _reshard_flags(models)
     result["stage_input_dtypes"] = [
         {k: str(v.dtype) for k, v in m.infer_stage_inputs_from_pipeline_inputs(local, 2).items()}
@@ -354,7 +359,7 @@ def schedule_batch_checks() -> dict:
     dist.barrier()
     return {
         "errors": errors,
-        "good_step_loss": None if result.loss is None else result.loss.item(),
+        "good_step_loss": result.loss.item(),
     }
 
 

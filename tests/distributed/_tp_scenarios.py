@@ -25,7 +25,7 @@ from d9d.module.parallelism.model.qwen3_dense import (
 )
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
 from tests.helpers import guarded, small_causal_lm_params, small_classification_params
 
@@ -229,23 +229,13 @@ def run_tp_layout(
         head.logits_chunk_bytes = chunk_tokens * local_vocab * 4
     head = "logps" if kind == "causal_lm" else "scores"
     result: dict = {}
-    if schedule is None:
-        (model,) = stack.modules
-        out = model(**_forward_kwargs(kind, local))
-        count = (local["labels"] != -100).sum().float()
-        dist.all_reduce(count, group=ctx.dp_group)
-        loss = _loss_sum(kind, out, local["labels"]) / count
-        loss.backward()
-        loss = loss.detach()
-        dist.all_reduce(loss, group=ctx.dp_group)
-        outputs, has_last = out, True
-    else:
-        loss_fn = CausalLMLoss() if kind == "causal_lm" else ClassificationLoss()
-        pipe = build_pipeline_schedule(
-            ctx, stack.modules, stack.infos, local, 2, loss_fn, kind=schedule
-        )
-        step = pipe.step(local, return_outputs=True)
-        loss, outputs, has_last = step.loss, step.outputs, pipe.has_last_stage
+    loss_fn = CausalLMLoss() if kind == "causal_lm" else ClassificationLoss()
+    n_microbatches = 2 if schedule is not None else 1
+    pipe = build_schedule(
+        ctx, stack.modules, stack.infos, local, n_microbatches, loss_fn, kind=schedule or "1f1b"
+    )
+    step = pipe.step(local, return_outputs=True)
+    loss, outputs, has_last = step.loss, step.outputs, pipe.has_last_stage
     if has_last:
         value = outputs[head]
         result["head_type"] = type(value).__name__

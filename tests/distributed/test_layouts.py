@@ -38,6 +38,10 @@ def _check_layout(name: str, spec: dict, per_rank: list[dict]) -> None:
     bf16 = "bf16" in name
     loss_tol = BF16_TOL["loss"] if bf16 else FP32_LOSS_TOL
     grad_tol = BF16_TOL["grad"] if bf16 else FP32_GRAD_TOL
+    # eval() through the same step object: the same loss on every rank, no gradient touched.
+    assert len([r for r in per_rank if "eval_loss_diff" in r]) == len(per_rank)
+    assert _worst(per_rank, "eval_loss_diff") <= loss_tol, name
+    assert all(r["eval_kept_grads"] for r in per_rank), name
     worst_loss = _worst(per_rank, "loss_diff")
     worst_grad = _worst(per_rank, "grad_diff")
     print(f"{name}: worst |loss diff| {worst_loss:.3g}, worst |grad diff| {worst_grad:.3g}")
@@ -157,6 +161,7 @@ def test_schedule_refuses_a_mis_sized_batch_on_every_rank(two_rank):
     assert "position_ids" in errors["missing position_ids"]
     assert "input_ids" in errors["token out of range"] and "103" in errors["token out of range"]
     assert "input_ids must hold integer ids" in errors["float input_ids"]
-    # The refused batches left nothing behind: a right batch still trains.
-    losses = [r["good_step_loss"] for r in per_rank if r["good_step_loss"] is not None]
-    assert len(losses) == 1 and losses[0] > 0
+    # The refused batches left nothing behind: a right batch still trains, and every
+    # pipeline rank reports its global loss.
+    losses = [r["good_step_loss"] for r in per_rank]
+    assert losses[0] == losses[1] and losses[0] > 0

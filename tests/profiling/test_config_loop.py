@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d9d.compile import CompileConfig
-from d9d.profiling.benchmark import BenchmarkSpec, SingleProcessTrainer, iter_configs
+from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer, iter_configs
 from d9d.profiling.model_presets import get_model_preset
 from d9d.profiling.peak import PeakFlops
 from d9d.profiling.report import ProfileRecord, SkippedRecord, format_table
@@ -60,7 +60,7 @@ def _layer_refs(trainer) -> list[weakref.ref]:
 def test_compiled_layers_outlive_their_last_reference_without_a_collection(spec, no_automatic_gc):
     # The premise of the next test: without gc.collect() the weights stay alive after
     # the trainer is dropped.
-    trainer = SingleProcessTrainer(spec, COMPILED)
+    trainer = HarnessTrainer(spec, COMPILED)
     refs = _layer_refs(trainer)
     del trainer
     assert all(ref() is not None for ref in refs)
@@ -74,7 +74,7 @@ def test_the_previous_config_is_collected_before_the_next_is_built(spec, no_auto
 
     def make_trainer(config):
         alive_when_built.append([ref() is not None for ref in refs])
-        trainer = SingleProcessTrainer(spec, config)
+        trainer = HarnessTrainer(spec, config)
         refs.extend(_layer_refs(trainer))
         return trainer
 
@@ -98,7 +98,7 @@ def test_unsupported_configs_are_skipped_rows_with_the_reason(spec, monkeypatch)
 
     def make_trainer(config):
         built.append(config.name)
-        return SingleProcessTrainer(spec, config)
+        return HarnessTrainer(spec, config)
 
     records = _run(spec, [float8, EAGER, budget], make_trainer)
     assert built == ["eager"]  # the skipped ones were never built
@@ -114,7 +114,7 @@ def test_unsupported_configs_are_skipped_rows_with_the_reason(spec, monkeypatch)
 
 class _OutOfMemoryTrainer:
     def __init__(self, spec, config):
-        self.inner = SingleProcessTrainer(spec, config)
+        self.inner = HarnessTrainer(spec, config)
         self.module, self.optimizers = self.inner.module, self.inner.optimizers
 
     def forward_backward(self):
@@ -134,7 +134,7 @@ def test_out_of_memory_and_failures_are_rows_and_the_next_config_runs(spec, no_a
         trainer = (
             _OutOfMemoryTrainer(spec, config)
             if config.name == "compiled"
-            else SingleProcessTrainer(spec, config)
+            else HarnessTrainer(spec, config)
         )
         refs.extend(_layer_refs(trainer))
         return trainer
@@ -161,7 +161,7 @@ def test_mixed_precision_keeps_fp32_parameters_and_computes_in_bf16(spec):
     seen = {}
 
     def make_trainer(config):
-        trainer = SingleProcessTrainer(mixed, config)
+        trainer = HarnessTrainer(mixed, config)
         seen["param_dtypes"] = {p.dtype for p in trainer.module.parameters()}
         seen["fsdp"] = type(trainer.module).__name__
         return trainer
@@ -180,5 +180,5 @@ def test_mixed_precision_keeps_fp32_parameters_and_computes_in_bf16(spec):
     assert abs(record.loss_first - math.log(512)) < 1.0
     # Pure bf16 is the other option, labelled as such.
     pure_spec = dataclasses.replace(mixed, mixed_precision=False)
-    (pure,) = _run(pure_spec, [EAGER], lambda config: SingleProcessTrainer(pure_spec, config))
+    (pure,) = _run(pure_spec, [EAGER], lambda config: HarnessTrainer(pure_spec, config))
     assert pure.precision.startswith("pure bfloat16")

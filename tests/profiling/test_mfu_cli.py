@@ -290,14 +290,14 @@ def test_parallel_flags_without_torchrun_are_an_error(capsys, monkeypatch):
 
 
 def test_out_of_memory_in_one_config_is_a_row_and_the_rest_still_run(tmp_path, capsys, monkeypatch):
-    real_trainer = mfu.SingleProcessTrainer
+    real_trainer = mfu.HarnessTrainer
 
     def trainer(spec, config):
         if config.name == "compile":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_trainer(spec, config)
 
-    monkeypatch.setattr(mfu, "SingleProcessTrainer", trainer)
+    monkeypatch.setattr(mfu, "HarnessTrainer", trainer)
     out = tmp_path / "records.json"
     argv = ["--model=tiny", "--batch-size=1", "--seq-len=8", "--steps=1", "--dtype=float32"]
     argv += ["--device=cpu", "--peak-tflops=1", f"--json={out}", "--config", "compile", "eager"]

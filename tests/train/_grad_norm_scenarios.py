@@ -18,7 +18,7 @@ from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.module.parallelism.model.qwen3_dense import parallelize_qwen3_dense_for_causal_lm
 from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.schedule import build_pipeline_schedule
+from d9d.pipelining.step import build_schedule
 from d9d.train.grad_norm import clip_grad_norm_
 from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
 
@@ -79,14 +79,7 @@ def _layout(mesh: dict, norm_type: float) -> dict:
     batch = _batch()
     rows = GLOBAL_BATCH // ctx.dp_size
     local = {k: v[ctx.dp_rank * rows : (ctx.dp_rank + 1) * rows] for k, v in batch.items()}
-    if ctx.pp_size > 1:
-        build_pipeline_schedule(ctx, [model], [info], local, ctx.pp_size, CausalLMLoss()).step(
-            local
-        )
-    else:
-        count = (local["labels"] != -100).sum().float()
-        dist.all_reduce(count, group=ctx.dp_group)
-        (model(**local)["logps"].sum() / count).backward()
+    build_schedule(ctx, [model], [info], local, ctx.pp_size, CausalLMLoss()).step(local)
     norm = clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=ctx.pp_group, norm_type=norm_type)
     worst = 0.0
     for name, param in model.named_parameters():

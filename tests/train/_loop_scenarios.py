@@ -210,15 +210,15 @@ def _nonfinite_run(base: list[str]) -> dict:
 
     items = [*base, "clip.max_consecutive_nonfinite=2", "checkpoint.resume=false"]
     trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
-    original = trainer._forward_backward
+    original = trainer.schedule.step
 
     def poisoned(batch):
-        loss = original(batch)
+        result = original(batch)
         for param in trainer.stages.parameters():
             param.grad.fill_(float("nan"))
-        return loss
+        return result
 
-    trainer._forward_backward = poisoned
+    trainer.schedule.step = poisoned
     before = [p.detach().clone() for p in trainer.stages.parameters()]
     try:
         trainer.run()

@@ -17,7 +17,17 @@ class Qwen3DenseLayer(nn.Module):
     block, with pre-RMSNorm applied before each sub-layer. It is the unit of regional
     compilation, activation checkpointing and FSDP sharding, so its forward has no
     data-dependent Python control flow.
+
+    Attributes:
+        checkpoint_policy: The activation-checkpoint policy the layer runs under (set by
+            ``d9d.compile``'s activation checkpointing; ``None``: none).
+        is_compiled: Whether ``d9d.compile`` compiled the layer (regional compile).
     """
+
+    # What the compile layer did to this layer, readable by the later steps of the stack
+    # (tensor parallelism refuses combinations torch cannot compile).
+    checkpoint_policy = None
+    is_compiled: bool = False
 
     def __init__(self, params: Qwen3DenseLayerParameters):
         """Constructs a Qwen3DenseLayer object.

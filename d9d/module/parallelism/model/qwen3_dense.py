@@ -7,15 +7,19 @@ norm together with the output head (last stage), and the root module. All of the
 HSDP over the ``("dp_replicate", "dp_cp_shard", "cp_replicate")`` slice of the dense
 mesh, with gradients summed over data-parallel ranks.
 
-With ``tensor_parallel > 1`` the tensor-parallel plan
-(``d9d.module.parallelism.model.qwen3_dense_tensor_parallel``) is applied first, unless
-the builder already applied it; FSDP2 then shards the TP ``DTensor`` parameters over the
-data-parallel dims (2-D ``(dp, tp)`` parameters, HSDP x TP, and inside pipeline stages).
+:func:`apply_fsdp_qwen3_dense` is the FSDP2 step alone (the training stack's builder
+applies tensor parallelism itself, earlier, before checkpointing and compile). The
+``parallelize_qwen3_dense_*`` functions are both steps for a model a compile preset was
+applied to: with ``tensor_parallel > 1`` the tensor-parallel plan
+(``d9d.module.parallelism.model.qwen3_dense_tensor_parallel``) first, then FSDP2, which
+shards the TP ``DTensor`` parameters over the data-parallel dims (2-D ``(dp, tp)``
+parameters, HSDP x TP, and inside pipeline stages).
 
 With context parallelism (``context_parallel_shard * context_parallel_replicate > 1``)
 the context-parallel changes (``d9d.module.parallelism.model.qwen3_dense_context_parallel``)
-come next; the weights are then sharded over ``dp_cp_shard`` and replicated over
-``dp_replicate x cp_replicate``, and gradients are summed over every one of those ranks.
+are applied too; the weights are sharded over ``dp_cp_shard`` (data-parallel shard x
+context-parallel shard ranks) and replicated over ``dp_replicate x cp_replicate``, and
+gradients are summed over every one of those ranks.
 """
 
 from torch import nn
@@ -82,6 +86,62 @@ class _Plan:
         self.shard(module, reshard=None)
 
 
+def _head(model: nn.Module) -> nn.Module | None:
+    if isinstance(model, Qwen3DenseForCausalLM):
+        return model.lm_head
+    if isinstance(model, Qwen3DenseForClassification):
+        return model.cls_head
+    return None
+
+
+def apply_fsdp_qwen3_dense(
+    dist_context: DistributedContext,
+    model: nn.Module,
+    stage: PipelineStageInfo,
+    *,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool | None = None,
+) -> None:
+    """FSDP2 (HSDP) units of a Qwen3 Dense model or stage, without tensor/context parallelism.
+
+    The embedding (first stage), each layer, the final norm with the head (last stage;
+    never resharded after forward: the backward needs it right away) and the root. Call
+    it after tensor parallelism, checkpointing and compile, before ``to_empty`` /
+    ``reset_parameters()`` or loading a checkpoint.
+
+    Args:
+        dist_context: The distributed context.
+        model: ``Qwen3DenseModel``, ``Qwen3DenseForCausalLM`` or
+            ``Qwen3DenseForClassification``.
+        stage: The pipeline stage ``model`` holds.
+        mp_policy: FSDP2 mixed-precision policy (default: no casting). With a
+            ``param_dtype``, also call ``model.set_compute_dtype(param_dtype)`` so that
+            pipeline metadata matches (``d9d.stack.build_stage_modules`` does both).
+        reshard_after_forward: ``fully_shard``'s flag for the embedding and the layers;
+            ``None`` keeps FSDP2's default without pipelining and does not reshard under
+            pipelining (each microbatch would all-gather again).
+    """
+    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
+    backbone = model if isinstance(model, Qwen3DenseModel) else model.model
+    plan.shard_backbone(backbone, stage)
+    if stage.is_current_stage_last and (head := _head(model)) is not None:
+        plan.shard([backbone.norm, head], reshard=False)
+    plan.shard_root(model)
+
+
+def _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward) -> None:
+    # Context parallelism first: it refuses a classification model before TP changes it.
+    apply_context_parallel_qwen3_dense(dist_context, model, stage)
+    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
+    apply_fsdp_qwen3_dense(
+        dist_context,
+        model,
+        stage,
+        mp_policy=mp_policy,
+        reshard_after_forward=reshard_after_forward,
+    )
+
+
 def parallelize_qwen3_dense_model(
     dist_context: DistributedContext,
     model: Qwen3DenseModel,
@@ -92,11 +152,10 @@ def parallelize_qwen3_dense_model(
 ) -> None:
     """Parallelizes the base Qwen3 Dense model components.
 
-    Applies the tensor-parallel plan when the context asks for it (and it was not
-    applied yet), then context parallelism when the context asks for it, then HSDP to the
-    embedding (first stage), each layer, and the root (which keeps the final norm of the
-    last stage). Call it after the compile layer and before
-    ``to_empty``/``reset_parameters`` or loading a checkpoint.
+    Applies context parallelism and the tensor-parallel plan when the context asks for
+    them, then HSDP to the embedding (first stage), each layer, and the root (which keeps
+    the final norm of the last stage). Call it after the compile layer and before ``to_empty``/
+    ``reset_parameters`` or loading a checkpoint.
 
     Current usage constraints:
     * Under tensor parallelism, shapes must split evenly (see
@@ -108,21 +167,13 @@ def parallelize_qwen3_dense_model(
         dist_context: The distributed context.
         model: The Qwen3 Dense base model to parallelize.
         stage: Information about the current pipeline stage.
-        mp_policy: FSDP2 mixed-precision policy (default: no casting). With a
-            ``param_dtype``, also call ``model.set_compute_dtype(param_dtype)`` so that
-            pipeline metadata matches (``d9d.stack.build_stage_modules`` does both).
-        reshard_after_forward: ``fully_shard``'s flag for the embedding and the layers;
-            ``None`` keeps FSDP2's default without pipelining and does not reshard under
-            pipelining (each microbatch would all-gather again).
+        mp_policy: See :func:`apply_fsdp_qwen3_dense`.
+        reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
 
     Raises:
         ValueError: If a dimension does not split evenly over the tensor-parallel degree.
     """
-    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
-    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
-    apply_context_parallel_qwen3_dense(dist_context, model, stage)
-    plan.shard_backbone(model, stage)
-    plan.shard_root(model)
+    _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)
 
 
 def parallelize_qwen3_dense_for_causal_lm(
@@ -143,19 +194,13 @@ def parallelize_qwen3_dense_for_causal_lm(
         dist_context: The distributed context containing device meshes and topology info.
         model: The Qwen3 Dense Causal LM model to parallelize.
         stage: Information about the current pipeline stage.
-        mp_policy: See ``parallelize_qwen3_dense_model``.
-        reshard_after_forward: See ``parallelize_qwen3_dense_model``.
+        mp_policy: See :func:`apply_fsdp_qwen3_dense`.
+        reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
 
     Raises:
         ValueError: If a dimension does not split evenly over the tensor-parallel degree.
     """
-    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
-    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
-    apply_context_parallel_qwen3_dense(dist_context, model, stage)
-    plan.shard_backbone(model.model, stage)
-    if stage.is_current_stage_last:
-        plan.shard([model.model.norm, model.lm_head], reshard=False)
-    plan.shard_root(model)
+    _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)
 
 
 def parallelize_qwen3_dense_for_classification(
@@ -175,18 +220,12 @@ def parallelize_qwen3_dense_for_classification(
         dist_context: The distributed context containing device meshes and topology info.
         model: The Qwen3 Dense classification model to parallelize.
         stage: Information about the current pipeline stage.
-        mp_policy: See ``parallelize_qwen3_dense_model``.
-        reshard_after_forward: See ``parallelize_qwen3_dense_model``.
+        mp_policy: See :func:`apply_fsdp_qwen3_dense`.
+        reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
 
     Raises:
         ValueError: Under context parallelism (the head pools chosen tokens of each row,
             which the sequence split scatters over the ranks), or if a dimension does not
             split evenly over the tensor-parallel degree.
     """
-    plan = _Plan(dist_context, mp_policy, reshard_after_forward)
-    apply_context_parallel_qwen3_dense(dist_context, model, stage)  # refuses, before TP
-    apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
-    plan.shard_backbone(model.model, stage)
-    if stage.is_current_stage_last:
-        plan.shard([model.model.norm, model.cls_head], reshard=False)
-    plan.shard_root(model)
+    _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)

@@ -62,7 +62,8 @@ def apply_context_parallel_qwen3_dense(
 
     Works on a model built on ``meta`` and before or after the compile preset (compile
     is lazy; the layers read the group at their first call); changes no parameter.
-    ``parallelize_qwen3_dense_*`` call it.
+    ``d9d.stack.build_stage_modules`` calls it after tensor parallelism, and so do
+    ``parallelize_qwen3_dense_*`` (the manual order).
 
     Args:
         dist_context: The distributed context (its ``cp`` group and rank).

@@ -32,7 +32,6 @@ float8 preset under tensor parallelism is refused.
 """
 
 import inspect
-import weakref
 
 import torch
 from torch import nn
@@ -59,10 +58,6 @@ from d9d.module.parallelism.tensor_parallel import (
     full_local,
 )
 from d9d.pipelining.api import PipelineStageInfo
-
-# Models that already carry their TP plan (the builder applies it before activation
-# checkpointing and compile; parallelize_* then only adds FSDP2).
-_applied: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _backbone(model: nn.Module) -> Qwen3DenseModel:
@@ -232,8 +227,8 @@ def apply_tensor_parallel_qwen3_dense(
     Works on a model built on ``meta`` (call ``to_empty`` + ``reset_parameters()`` or
     load a checkpoint afterwards) and keeps every parameter name. Apply it after float8
     and before activation checkpointing and compile (``d9d.stack.build_stage_modules``
-    does); ``parallelize_qwen3_dense_*`` apply it themselves when it has not been
-    applied yet. A second call on the same model does nothing.
+    does); ``parallelize_qwen3_dense_*`` apply it followed by FSDP2 (the manual order,
+    after a compile preset).
 
     Args:
         dist_context: The distributed context (its ``tp`` dim decides the degree).
@@ -242,25 +237,32 @@ def apply_tensor_parallel_qwen3_dense(
         stage: The pipeline stage ``model`` holds.
 
     Returns:
-        Whether a plan was applied (``False`` for ``tensor_parallel=1`` or a repeat call).
+        Whether a plan was applied (``False`` for ``tensor_parallel=1``).
 
     Raises:
         ValueError: If a dimension is not divisible by the degree (see
-            :func:`validate_tensor_parallel`).
+            :func:`validate_tensor_parallel`), the model is already tensor-parallel, or
+            its layers were compiled with a checkpoint mode that cannot compile under
+            tensor parallelism.
     """
     degree = dist_context.params.tensor_parallel
-    if degree == 1 or model in _applied:
+    if degree == 1:
         return False
     validate_tensor_parallel(model, degree)
     backbone = _backbone(model)
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        raise ValueError(
+            "the model's parameters are already DTensors: tensor parallelism (or FSDP2) was "
+            "applied to it before; apply tensor parallelism once, before FSDP2"
+        )
     layers = list(backbone.layers.values())
     if layers:
-        # A compile preset applied first (the manual order) left its policy and compiled
-        # call on the layers; the TP hooks would be traced inside them at the first call.
-        policy = getattr(layers[0], "checkpoint_policy", None)
+        # A compile preset applied first (the manual order) left its marks on the layers;
+        # the TP hooks would be traced inside them at the first call.
+        policy = layers[0].checkpoint_policy
         check_checkpointing_for_tensor_parallel(
             policy.mode if policy is not None else "none",
-            getattr(layers[0], "_compiled_call_impl", None) is not None,
+            layers[0].is_compiled,
             degree,
             "the compile preset applied to this model",
         )
@@ -276,5 +278,4 @@ def apply_tensor_parallel_qwen3_dense(
         if isinstance(model, Qwen3DenseForCausalLM):
             parallelize_module(model.lm_head, mesh, VocabParallelWeights())
     _install_stage_boundary(backbone, mesh)
-    _applied.add(model)
     return True
