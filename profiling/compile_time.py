@@ -29,12 +29,12 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from d9d.compile import load_compile_config
+    from d9d.metrics.timers import DeviceClock
     from d9d.module.model.qwen3_dense import (
         Qwen3DenseForCausalLMParameters,
         Qwen3DenseLayerParameters,
         Qwen3DenseParameters,
     )
-    from d9d.profiling.timers import DeviceClock
     from d9d.stack import build_stage_modules
 
     device = torch.device(args.device)

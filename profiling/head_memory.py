@@ -26,12 +26,12 @@ import torch
 from tabulate import tabulate
 
 from d9d.compile import apply_compile_config, load_compile_config
+from d9d.metrics.memory import profiled_step_peak_bytes
+from d9d.metrics.timers import DeviceClock
 from d9d.module.block.head import IGNORE_INDEX
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 from d9d.pipelining.api import PipelineStageInfo
-from d9d.profiling.memory import profiled_step_peak_bytes
-from d9d.profiling.model_presets import get_model_preset
-from d9d.profiling.timers import DeviceClock
 
 
 def _step_peak_bytes(step, device: torch.device) -> int:
@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, budget in variants.items():
         torch.manual_seed(0)
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
         model = model.to(device=device, dtype=torch.bfloat16)
         apply_compile_config(model, load_compile_config("compile"))
         if budget is not None:

@@ -41,18 +41,14 @@ from pydantic import ValidationError
 
 from d9d.compile import load_compile_config
 from d9d.core.dist_context import DeviceMeshParameters
+from d9d.metrics.cpu_peak import faster_cpu_dtype, faster_dtype_note
+from d9d.metrics.peak import dtype_name, resolve_peak_flops
+from d9d.module.model.qwen3_dense.presets import MODEL_PRESETS, SHAPE_FLAGS, preset_parameters
 from d9d.profiling.benchmark import (
     BenchmarkSpec,
     HarnessTrainer,
     iter_configs,
     validate_spec,
-)
-from d9d.profiling.model_presets import MODEL_PRESETS, get_model_preset
-from d9d.profiling.peak import (
-    dtype_name,
-    faster_cpu_dtype,
-    faster_dtype_note,
-    resolve_peak_flops,
 )
 from d9d.profiling.report import Record, table_footer, table_header, table_row
 
@@ -65,15 +61,6 @@ GPU_DEFAULTS = {"model": "qwen3-1.7b", "batch_size": 1, "seq_len": 4096}
 kernel launches."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SHAPE_FLAGS = {
-    "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "vocab_size": "vocab_size",
-}
 
 
 class UsageError(Exception):
@@ -186,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens/s, per-document FLOPs and the document mask's cost (d9d/profiling/packed.py)",
     )
     shape = parser.add_argument_group("model shape overrides (on top of --model)")
-    for flag in _SHAPE_FLAGS:
+    for flag in SHAPE_FLAGS:
         shape.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
     dist = parser.add_argument_group("distributed (under torchrun)")
     dist.add_argument("--pp", type=_int_at_least(1), default=1, help="pipeline stages")
@@ -250,18 +237,13 @@ def _resolve_auto_dtype(args) -> None:
 
 def _model_params(args):
     """The model parameters and a name for them (the preset plus any overrides)."""
-    preset = get_model_preset(args.model)
     overrides = {
         field: getattr(args, flag)
-        for flag, field in _SHAPE_FLAGS.items()
+        for flag, field in SHAPE_FLAGS.items()
         if getattr(args, flag) is not None
     }
     name = args.model.lower() + "".join(f" {k}={v}" for k, v in overrides.items())
-    preset = dataclasses.replace(preset, **overrides)
-    try:
-        return preset.parameters(), name
-    except ValidationError as err:
-        raise ValueError(f"model shape rejected: {_one_line(err)}") from None
+    return preset_parameters(args.model, **overrides), name
 
 
 def _device(text: str | None) -> torch.device:

@@ -4,13 +4,13 @@ Every contender trains on the same random tokens with the same shape, dtype and
 optimizer; their steps are interleaved in one process (contender A step, B step, ...), so
 machine noise hits all of them alike. Reports median tokens/s and the ratio to HF eager.
 
-    python profiling/vs_hf.py                        # small Qwen3 shape, vocab 32000
+    python profiling/vs_hf.py                        # cpu-small shape, vocab 32000
     python profiling/vs_hf.py --vocab-size 151936    # realistic vocabulary
-    python profiling/vs_hf.py --device cuda --dtype bfloat16 --hidden-size 2048 ...
+    python profiling/vs_hf.py --device cuda --model qwen3-1.7b --seq-len 4096 ...
 
 Steps are timed with the harness's clock (the device is synchronised before each
-reading, so asynchronous CUDA work is counted where it runs). Shape flags are named as
-in ``profiling/mfu.py``.
+reading, so asynchronous CUDA work is counted where it runs). The shape is a model preset
+(``--model``) with the shape flags of ``profiling/mfu.py`` on top.
 """
 
 import argparse
@@ -23,22 +23,26 @@ from pathlib import Path
 import torch
 
 from d9d.compile import list_presets, load_compile_config
+from d9d.metrics.timers import DeviceClock
 from d9d.module.model.qwen3_dense.hf import state_dict_from_hf
-from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
+from d9d.module.model.qwen3_dense.hf_config import (
+    causal_lm_params_from_hf_config,
+    hf_config_from_params,
+)
+from d9d.module.model.qwen3_dense.presets import SHAPE_FLAGS, preset_parameters
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.step import SingleStageSchedule
 from d9d.profiling.benchmark import make_adamw
-from d9d.profiling.timers import DeviceClock
 from d9d.stack import build_stage_modules
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1536)
-    parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--num-kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument(
+        "--model", default="cpu-small", help="model preset the shape flags override"
+    )
+    for flag in SHAPE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
@@ -57,14 +61,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _make_step(
-    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], clock: DeviceClock
+    model: torch.nn.Module, forward_backward: Callable[[], object], clock: DeviceClock
 ) -> Callable[[], float]:
     opt, _ = make_adamw(model.parameters(), lr=1e-5)
 
     def step() -> float:
         start = clock.now()
-        loss = loss_fn()
-        loss.backward()
+        forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return clock.now() - start
@@ -96,24 +99,23 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    hf_config = Qwen3Config(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        head_dim=args.head_dim,
-        max_position_embeddings=max(args.seq_len, 2048),
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    overrides = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
+    try:
+        shape = preset_parameters(args.model, **overrides)
+        shape = preset_parameters(
+            args.model,
+            **overrides,
+            max_position_ids=max(shape.model.max_position_ids, args.seq_len),
+        )
+    except ValueError as err:
+        print(f"vs_hf.py: {err}", file=sys.stderr)
+        return 2
+    hf_config = Qwen3Config(**hf_config_from_params(shape), attn_implementation="sdpa")
     # Our parameters read off the very config HF builds from, so both sides match.
     params = causal_lm_params_from_hf_config(hf_config.to_dict())
+    vocab = params.model.vocab_size
     reference = Qwen3ForCausalLM(hf_config).to(dtype)
-    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len)).to(device)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len)).to(device)
     # HF shifts inside; give ours the same targets (next token, last position ignored).
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if compiled:
             for layer in model.model.layers:
                 layer.compile(fullgraph=False)
-        return _make_step(model, lambda: model(input_ids=ids, labels=ids).loss, clock)
+        return _make_step(model, lambda: model(input_ids=ids, labels=ids).loss.backward(), clock)
 
     contenders["hf eager"] = hf_contender(False)
     if not args.no_hf_compile:
@@ -143,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             init=lambda modules: modules[0].load_state_dict(hf_weights),
         ).modules
 
-        def loss_fn(model=model) -> torch.Tensor:
-            logps = model(input_ids=ids, labels=labels)["logps"]
-            return logps.sum() / (labels != -100).sum()
-
-        contenders[f"d9d {name}"] = _make_step(model, loss_fn, clock)
+        # The one step object the loop and the harness train with.
+        schedule = SingleStageSchedule(model, CausalLMLoss())
+        batch = {"input_ids": ids, "labels": labels}
+        contenders[f"d9d {name}"] = _make_step(
+            model, lambda schedule=schedule, batch=batch: schedule.step(batch), clock
+        )
 
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for step in range(args.warmup + args.steps):
@@ -172,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     from tabulate import tabulate
 
+    layer = params.model.layer
     print(
-        f"shape: layers={args.num_layers} hidden={args.hidden_size} "
-        f"heads={args.num_heads}/{args.num_kv_heads} head_dim={args.head_dim} "
-        f"vocab={args.vocab_size} batch={args.batch_size} seq={args.seq_len} "
+        f"shape: layers={params.model.num_hidden_layers} hidden={layer.hidden_size} "
+        f"heads={layer.num_attention_heads}/{layer.num_key_value_heads} "
+        f"head_dim={layer.head_dim} vocab={vocab} batch={args.batch_size} seq={args.seq_len} "
         f"dtype={args.dtype}, {device}, {args.steps} timed steps (median)"
     )
     print(

@@ -104,6 +104,20 @@ def small_classification_params(
     )
 
 
+def kind_params(kind: str, num_labels: int = 3, **kwargs):
+    """``small_*_params`` of a model kind: ``"causal_lm"`` or ``"classification"``."""
+    if kind == "causal_lm":
+        return small_causal_lm_params(**kwargs)
+    return small_classification_params(num_labels=num_labels, **kwargs)
+
+
+def kind_model_cls(kind: str):
+    """The model class of a kind: ``"causal_lm"`` or ``"classification"``."""
+    from d9d.module.model.qwen3_dense import Qwen3DenseForClassification
+
+    return Qwen3DenseForCausalLM if kind == "causal_lm" else Qwen3DenseForClassification
+
+
 def build(
     cls,
     params,
@@ -163,6 +177,48 @@ def randomize_(module: nn.Module) -> nn.Module:
         else:
             param.normal_(0.0, param.shape[-1] ** -0.5)
     return module
+
+
+def reference_model(cls, params, snapshot: str = "no", seed: int = 0) -> nn.Module:
+    """The single-process model a layout is compared with (the same on every rank).
+
+    PyTorch's seeded initialisation, then norm weights U(0.5, 1.5): at their init value
+    of 1 a norm applied in the wrong place (or on the wrong shard) would go unnoticed.
+    """
+    torch.manual_seed(seed)
+    model = build(cls, params, mode=snapshot)
+    model.reset_parameters()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def reference_step(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor, dict]:
+    """One forward/backward of the whole global batch, written out by hand.
+
+    The loss is the mean over valid labels (``!= -100``): summed per-token NLL of a
+    causal LM, or summed cross entropy of a classifier's scores, over their count.
+
+    Returns:
+        The outputs, the detached loss and a copy of every gradient by name.
+    """
+    import inspect
+
+    import torch.nn.functional as F
+
+    accepted = inspect.signature(model.forward).parameters
+    out = model(**{k: v for k, v in batch.items() if k in accepted})
+    labels = batch["labels"]
+    count = (labels != -100).sum()
+    if "logps" in out:
+        loss = out["logps"].sum() / count
+    else:
+        loss = F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum") / count
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return out, loss.detach(), grads
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,26 +303,17 @@ class SavedActivationBytes(TorchDispatchMode):
 
 
 def hf_config(params: Qwen3DenseParameters, attn_implementation: str = "sdpa", **extra):
-    """The HF ``Qwen3Config`` of the same architecture (untied embeddings, no dropout)."""
+    """The HF ``Qwen3Config`` of the same architecture (untied embeddings, no dropout).
+
+    Written by the library's own converter: a field it got wrong would give HF another
+    architecture, which the parity tests' outputs would show.
+    """
     from transformers import Qwen3Config
 
-    layer = params.layer
-    return Qwen3Config(
-        vocab_size=params.vocab_size,
-        hidden_size=layer.hidden_size,
-        intermediate_size=layer.intermediate_size,
-        num_hidden_layers=params.num_hidden_layers,
-        num_attention_heads=layer.num_attention_heads,
-        num_key_value_heads=layer.num_key_value_heads,
-        head_dim=layer.head_dim,
-        rms_norm_eps=layer.rms_norm_eps,
-        max_position_embeddings=params.max_position_ids,
-        rope_parameters={"rope_type": "default", "rope_theta": float(params.rope_base)},
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        attn_implementation=attn_implementation,
-        **extra,
-    )
+    from d9d.module.model.qwen3_dense.hf_config import hf_config_from_params
+
+    fields = hf_config_from_params(Qwen3DenseForCausalLMParameters(model=params))
+    return Qwen3Config(**{**fields, **extra}, attn_implementation=attn_implementation)
 
 
 HF_VOCAB = 96

@@ -33,11 +33,7 @@ from d9d.compile.config import CompileConfig
 from d9d.compile.float8 import Float8Report, convert_linears_to_float8, is_float8_linear
 from d9d.compile.regional import compile_layers, compile_loss_kernels
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
-from d9d.module.model.qwen3_dense.model import (
-    Qwen3DenseForCausalLM,
-    Qwen3DenseForClassification,
-    Qwen3DenseModel,
-)
+from d9d.module.model.qwen3_dense.model import Qwen3DenseModel, backbone_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +59,7 @@ class CompileReport:
 
 
 def _backbone(model: nn.Module) -> Qwen3DenseModel:
-    if isinstance(model, Qwen3DenseModel):
-        return model
-    if isinstance(model, Qwen3DenseForCausalLM | Qwen3DenseForClassification):
-        return model.model
-    raise ValueError(
-        "a compile config applies to Qwen3DenseModel, Qwen3DenseForCausalLM or "
-        f"Qwen3DenseForClassification, got {type(model).__name__}"
-    )
+    return backbone_of(model, "a compile config")
 
 
 def _layers(model: nn.Module) -> list[Qwen3DenseLayer]:

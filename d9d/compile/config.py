@@ -7,14 +7,13 @@ section rejects unknown keys, and :func:`load_compile_config` names the file and
 dotted key of every error.
 """
 
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from d9d.core.config_errors import validation_problems
+from d9d.core.config_errors import read_toml, validation_problems
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -259,13 +258,7 @@ def load_compile_config(path_or_preset_name: str | Path) -> CompileConfig:
                 f"unknown compile preset {str(path_or_preset_name)!r}; "
                 f"available: {', '.join(list_presets())}"
             )
-    if not path.is_file():
-        raise ValueError(f"compile config file {path} does not exist")
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from err
+    data = read_toml(path, "compile config")
     if "name" in data:
         raise ValueError(f"{path}: key 'name' is not allowed (the name is the file's stem)")
     try:

@@ -65,6 +65,10 @@ class DeviceMeshParameters(BaseModel):
             * self.tensor_parallel
         )
 
+    def describe(self) -> str:
+        """The degrees that multiply to :attr:`world_size`, for messages."""
+        return " x ".join(f"{name}={getattr(self, name)}" for name in type(self).model_fields)
+
     @property
     def is_tensor_parallel(self) -> bool:
         """Whether tensor parallelism is requested."""
@@ -102,11 +106,7 @@ class DeviceMeshParameters(BaseModel):
         if self.world_size != world_size:
             raise ValueError(
                 f"DeviceMeshParameters describe {self.world_size} processes "
-                f"(pipeline_parallel={self.pipeline_parallel} x data_parallel_replicate="
-                f"{self.data_parallel_replicate} x data_parallel_shard={self.data_parallel_shard}"
-                f" x context_parallel_replicate={self.context_parallel_replicate} x "
-                f"context_parallel_shard={self.context_parallel_shard} x tensor_parallel="
-                f"{self.tensor_parallel}), but the world size is {world_size}"
+                f"({self.describe()}), but the world size is {world_size}"
             )
         return DistributedContext(self, device)
 

@@ -1,4 +1,11 @@
-"""Dataset-side helpers: pooling masks and document packing."""
+"""Dataset-side pieces: tokenizers, token files, corpora, packing, batches, pooling masks.
+
+One file each: ``tokenizers.py`` (byte level, HF ``tokenizer.json``), ``token_files.py``
+(memory-mapped ``.npy`` / ``.bin`` ids), ``text_files.py`` (text tokenized once into a
+cached token file; the standard-library corpus), ``corpus.py`` (documents of several
+token files), ``packing.py`` (documents into rows), ``packed_batches.py`` (packed,
+sharded, resumable global batches) and ``pooling.py`` (classification pooling masks).
+"""
 
 from d9d.dataset.packing import (
     PackingPlan,

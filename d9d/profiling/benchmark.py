@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import gc
 import math
-import platform
 import re
 import sys
 import traceback
@@ -47,21 +46,22 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from d9d.compile import CompileConfig, CompileReport
 from d9d.core.dist_context import DistributedContext
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
-from d9d.module.parallelism.context_parallel import shard_batch_for_context_parallel
-from d9d.pipelining.loss import CausalLMLoss
-from d9d.pipelining.step import build_schedule
-from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
-from d9d.profiling.flops import training_flops_per_token
-from d9d.profiling.memory import (
+from d9d.metrics.compile_stats import read_compile_stats, reset_compile_state
+from d9d.metrics.device import device_name
+from d9d.metrics.flops import training_flops_per_token
+from d9d.metrics.memory import (
     CudaPeakMemory,
     measure_cpu_step_memory,
     retained_forward_bytes,
 )
-from d9d.profiling.peak import PeakFlops, dtype_name
+from d9d.metrics.peak import PeakFlops, dtype_name
+from d9d.metrics.timers import DeviceClock, StepTimes
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.module.parallelism.context_parallel import shard_batch_for_context_parallel
+from d9d.pipelining.loss import CausalLMLoss
+from d9d.pipelining.step import build_schedule
 from d9d.profiling.report import ProfileRecord, Record, SkippedRecord
 from d9d.profiling.support import unsupported_reason
-from d9d.profiling.timers import DeviceClock, StepTimes
 from d9d.stack import build_stage_modules
 from d9d.train.mixed_precision import resolve_precision
 
@@ -280,18 +280,6 @@ class HarnessTrainer:
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
-
-
-def device_name(device: torch.device) -> str:
-    """Product name of the device: the GPU name, or the CPU model from ``/proc/cpuinfo``."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
-    return match.group(1).strip() if match else (platform.processor() or "cpu")
 
 
 def _stderr(line: str) -> None:

@@ -29,9 +29,9 @@ import torch.distributed as dist
 
 from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters
+from d9d.metrics.peak import PeakFlops, resolve_peak_flops
 from d9d.module.parallelism.context_parallel import check_context_parallel_seq_len
 from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer, iter_configs
-from d9d.profiling.peak import PeakFlops, resolve_peak_flops
 from d9d.profiling.report import ProfileRecord, Record
 
 

@@ -12,7 +12,7 @@ are trained two ways, with the same model, preset, batch shape and AdamW:
 Useful tokens are the trained predictions (labels that are not -100); both layouts
 make exactly the same predictions per document, so useful tokens/s compare directly.
 FLOPs per useful token count attention per document
-(:func:`d9d.profiling.flops.packed_training_flops_per_token`), so padding and masked-out
+(:func:`d9d.metrics.flops.packed_training_flops_per_token`), so padding and masked-out
 cross-document attention never inflate MFU.
 
 The mask's cost is measured on attention alone (forward + backward of
@@ -32,13 +32,14 @@ import torch.nn.functional as F
 
 from d9d.compile import CompileConfig
 from d9d.dataset import materialize_rows, plan_packed_rows
+from d9d.metrics.device import device_name
+from d9d.metrics.flops import packed_training_flops_per_token
+from d9d.metrics.peak import PeakFlops
 from d9d.module.block.document_mask import build_document_mask, document_ids_from_position_ids
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import SingleStageSchedule
-from d9d.profiling.benchmark import device_name, make_adamw, release_memory
-from d9d.profiling.flops import packed_training_flops_per_token
-from d9d.profiling.peak import PeakFlops
+from d9d.profiling.benchmark import make_adamw, release_memory
 from d9d.stack import build_stage_modules
 
 LENGTH_SIGMA = 1.0

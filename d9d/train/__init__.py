@@ -2,9 +2,8 @@
 
 * ``d9d.train.config``: the validated TOML config (``load_train_config``);
 * ``d9d.train.lr``: warmup + cosine / linear / warmup-stable-decay schedules;
-* ``d9d.train.tokenizers``: the built-in byte-level tokenizer and HF ``tokenizer.json``;
-* ``d9d.train.data``: token files, cached text tokenization, packed resumable batches;
 * ``d9d.train.grad_norm``: gradient clipping over FSDP shards and pipeline ranks;
-* ``d9d.train.checkpoint``: atomic, resumable training checkpoints;
-* ``d9d.train.loop``: the loop that puts them together.
+* ``d9d.checkpoint.training``: atomic, resumable training checkpoints;
+* ``d9d.train.loop``: the loop that puts them together (its data comes from
+  ``d9d.dataset``: tokenizers, token files, cached text, packed resumable batches).
 """

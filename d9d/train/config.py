@@ -6,12 +6,17 @@ byte-level model trained on the CPU on the Python standard library's own sources
 """
 
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from d9d.core.config_errors import validation_problems
+from d9d.core.config_errors import read_toml, validation_problems
+from d9d.core.dist_context import DeviceMeshParameters
+from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
+from d9d.module.model.qwen3_dense.params import Qwen3DenseForCausalLMParameters
+from d9d.module.model.qwen3_dense.presets import SHAPE_FIELDS, get_model_preset, preset_parameters
 
 
 class _Section(BaseModel):
@@ -22,7 +27,7 @@ class ModelSection(_Section):
     """``[model]``: which Qwen3 Dense shape to train and where its weights start.
 
     Attributes:
-        preset: A name of ``d9d.profiling.model_presets`` (ignored with ``init`` an HF
+        preset: A name of ``d9d.module.model.qwen3_dense.presets`` (ignored with ``init`` an HF
             folder: the folder's ``config.json`` decides the shape).
         init: ``"scratch"`` (the model's own initialisation) or the path of an HF Qwen3
             checkpoint folder to start from.
@@ -46,6 +51,55 @@ class ModelSection(_Section):
     num_attention_heads: int | None = Field(default=None, ge=1)
     num_key_value_heads: int | None = Field(default=None, ge=1)
     head_dim: int | None = Field(default=None, ge=1)
+
+    def parameters(
+        self, seq_len: int, tokenizer_vocab: int, byte_tokenizer: bool
+    ) -> Qwen3DenseForCausalLMParameters:
+        """The model's parameters: the HF folder's, or the preset with these overrides.
+
+        Args:
+            seq_len: The training sequence length (the positions must cover it).
+            tokenizer_vocab: The tokenizer's vocabulary size.
+            byte_tokenizer: Whether the byte-level tokenizer is used (then an unset
+                ``vocab_size`` becomes the tokenizer's, rounded up to a multiple of 64).
+
+        Raises:
+            ValueError: If the folder has no config, the shape is rejected, the
+                tokenizer's vocabulary does not fit the model's, or the sequence is
+                longer than the model's positions.
+        """
+        if self.init != "scratch":
+            if not Path(self.init, "config.json").is_file():
+                raise ValueError(
+                    f"model.init: no HF checkpoint folder (config.json) at {self.init}"
+                )
+            params = causal_lm_params_from_hf_config(self.init)
+        else:
+            overrides = {
+                field: getattr(self, field)
+                for field in SHAPE_FIELDS
+                if field in type(self).model_fields
+            }
+            if self.vocab_size is None and byte_tokenizer:
+                # Byte-level: no point in the preset's 32k rows; a multiple of 64 keeps the
+                # head's matmul aligned.
+                overrides["vocab_size"] = -(-tokenizer_vocab // 64) * 64
+            preset = get_model_preset(self.preset)
+            overrides["max_position_ids"] = max(preset.max_position_ids, seq_len)
+            params = preset_parameters(self.preset, **overrides)
+        vocab = params.model.vocab_size
+        if tokenizer_vocab > vocab:
+            raise ValueError(
+                f"the tokenizer's vocabulary ({tokenizer_vocab} ids) is larger than the "
+                f"model's ({vocab}): set model.vocab_size >= {tokenizer_vocab} or use another "
+                "tokenizer"
+            )
+        if seq_len > params.model.max_position_ids:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds the model's max_position_ids="
+                f"{params.model.max_position_ids}"
+            )
+        return params
 
 
 class DataSection(_Section):
@@ -148,17 +202,21 @@ class ParallelSection(_Section):
     stages_per_rank: int = Field(default=1, ge=1)
     n_microbatches: int | None = Field(default=None, ge=1)
 
+    def mesh_parameters(self) -> DeviceMeshParameters:
+        """The device mesh of this layout (the one description of the parallel degrees)."""
+        return DeviceMeshParameters(
+            pipeline_parallel=self.pipeline_parallel,
+            data_parallel_shard=self.data_parallel_shard,
+            data_parallel_replicate=self.data_parallel_replicate,
+            tensor_parallel=self.tensor_parallel,
+            context_parallel_shard=self.context_parallel,
+            context_parallel_replicate=self.context_parallel_replicate,
+        )
+
     @property
     def world_size(self) -> int:
         """Processes this layout needs."""
-        return (
-            self.pipeline_parallel
-            * self.data_parallel_shard
-            * self.data_parallel_replicate
-            * self.tensor_parallel
-            * self.context_parallel
-            * self.context_parallel_replicate
-        )
+        return self.mesh_parameters().world_size
 
 
 class ClipSection(_Section):
@@ -255,13 +313,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies ``key=value`` overrides (dotted keys) to a raw config dict.
+def apply_overrides(data: dict, overrides: Sequence[str] | Mapping[str, Any]) -> dict:
+    """Applies overrides (dotted keys) to a raw config dict.
 
     Args:
         data: The raw TOML dict (not modified).
-        overrides: Items like ``"steps=10"``, ``"parallel.pipeline_parallel=2"``,
-            ``"data.paths=['a.npy']"``.
+        overrides: ``--set`` items like ``"steps=10"``, ``"parallel.pipeline_parallel=2"``,
+            ``"data.paths=['a.npy']"`` (values in TOML syntax, bare strings allowed), or a
+            mapping of dotted keys to Python values (``{"data.seq_len": 64}``).
 
     Returns:
         A new dict with the overrides applied.
@@ -270,11 +329,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         ValueError: For an item without ``=`` or a key that descends into a non-table.
     """
     result = _deep_copy(data)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value")
+    if isinstance(overrides, Mapping):
+        pairs = [(key, value, f"{key}={value!r}") for key, value in overrides.items()]
+    else:
+        pairs = []
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--set {item!r}: expected key=value")
+            pairs.append((key.strip(), _parse_value(text.strip()), item))
+    for key, value, item in pairs:
         *parents, leaf = key.split(".")
         node = result
         for part in parents:
@@ -282,7 +346,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[leaf] = _parse_value(text.strip())
+        node[leaf] = value
     return result
 
 
@@ -290,12 +354,15 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> TrainConfig:
     """Reads, overrides and validates a training config.
 
     Args:
         path: A TOML file, or ``None`` for the built-in defaults.
-        overrides: ``key=value`` items applied on top (see :func:`apply_overrides`).
+        overrides: ``key=value`` items, or a mapping of dotted keys to values, applied on
+            top (see :func:`apply_overrides`).
 
     Returns:
         The validated config.
@@ -308,17 +375,15 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] = ())
     data: dict = {}
     if path is not None:
         source = str(path)
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"training config file {path} does not exist")
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML: {err}") from err
+        data = read_toml(Path(path), "training config")
     if overrides:
-        source = f"{source} with --set {' '.join(overrides)}"
-        data = apply_overrides(data, list(overrides))
+        shown = (
+            [f"{k}={v!r}" for k, v in overrides.items()]
+            if isinstance(overrides, Mapping)
+            else list(overrides)
+        )
+        source = f"{source} with --set {' '.join(shown)}"
+        data = apply_overrides(data, overrides)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:

@@ -12,7 +12,6 @@ AdamW (skipped on a non-finite norm) -> LR schedule -> one log line and one JSON
 
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -22,37 +21,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from d9d.checkpoint.hf_export import export_hf_from_checkpoint
+from d9d.checkpoint.training import CheckpointManager
 from d9d.compile import load_compile_config
 from d9d.core.checks import inputs_prevalidated
-from d9d.core.dist_context import DeviceMeshParameters, DistributedContext
-from d9d.module.model.qwen3_dense import (
-    Qwen3DenseForCausalLM,
-    Qwen3DenseForCausalLMParameters,
-)
+from d9d.core.dist_context import DistributedContext
+from d9d.dataset.corpus import DocumentCorpus
+from d9d.dataset.packed_batches import PackedBatches
+from d9d.dataset.text_files import tokenize_stdlib, tokenize_text_files
+from d9d.dataset.token_files import open_token_file
+from d9d.dataset.tokenizers import load_tokenizer
+from d9d.metrics.flops import training_flops_per_token
+from d9d.metrics.memory import process_peak_memory
+from d9d.metrics.peak import resolve_peak_flops
 from d9d.module.parallelism.context_parallel import (
     check_context_parallel_seq_len,
     shard_batch_for_context_parallel,
 )
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import build_schedule
-from d9d.profiling.flops import training_flops_per_token
-from d9d.profiling.model_presets import get_model_preset
-from d9d.profiling.peak import resolve_peak_flops
 from d9d.stack import build_stage_modules
-from d9d.train.checkpoint import CheckpointManager
 from d9d.train.config import TrainConfig
-from d9d.train.data import (
-    DocumentCorpus,
-    PackedBatches,
-    open_token_file,
-    tokenize_stdlib,
-    tokenize_text_files,
-)
 from d9d.train.grad_norm import clip_grad_norm_
 from d9d.train.lr import build_lr_scheduler
 from d9d.train.mixed_precision import apply_mixed_precision
-from d9d.train.tokenizers import load_tokenizer
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
@@ -106,86 +98,25 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
     Raises:
         ValueError: If the layout's process count is not the world size.
     """
-    parallel = config.parallel
+    mesh = config.parallel.mesh_parameters()
     # Each CP rank trains on a head-tail share of every row: the rows must split (checked
     # before the process groups are built, on every rank alike).
     check_context_parallel_seq_len(
         config.data.seq_len,
-        parallel.context_parallel * parallel.context_parallel_replicate,
+        mesh.context_parallel_shard * mesh.context_parallel_replicate,
         "data.seq_len",
     )
     if dist.is_initialized():
         world = dist.get_world_size()
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-    if parallel.world_size != world:
+    if mesh.world_size != world:
         raise ValueError(
-            f"[parallel] describes {parallel.world_size} processes (pipeline_parallel="
-            f"{parallel.pipeline_parallel} x data_parallel_shard={parallel.data_parallel_shard}"
-            f" x data_parallel_replicate={parallel.data_parallel_replicate} x "
-            f"tensor_parallel={parallel.tensor_parallel} x context_parallel="
-            f"{parallel.context_parallel} x context_parallel_replicate="
-            f"{parallel.context_parallel_replicate}), but "
+            f"[parallel] describes {mesh.world_size} processes ({mesh.describe()}), but "
             f"{world} were started; run it with torchrun --nproc-per-node "
-            f"{parallel.world_size} -m d9d.train ..."
+            f"{mesh.world_size} -m d9d.train ..."
         )
-    return DeviceMeshParameters(
-        pipeline_parallel=parallel.pipeline_parallel,
-        data_parallel_shard=parallel.data_parallel_shard,
-        data_parallel_replicate=parallel.data_parallel_replicate,
-        tensor_parallel=parallel.tensor_parallel,
-        context_parallel_shard=parallel.context_parallel,
-        context_parallel_replicate=parallel.context_parallel_replicate,
-    ).build()
-
-
-def model_params_for(config: TrainConfig, tokenizer_vocab: int) -> Qwen3DenseForCausalLMParameters:
-    """The model's parameters: the HF folder's, or the preset with the config's overrides.
-
-    Raises:
-        ValueError: If the tokenizer's vocabulary does not fit the model's, or the
-            sequence is longer than the model's positions.
-    """
-    model = config.model
-    if model.init != "scratch":
-        from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
-
-        if not Path(model.init, "config.json").is_file():
-            raise ValueError(f"model.init: no HF checkpoint folder (config.json) at {model.init}")
-        params = causal_lm_params_from_hf_config(model.init)
-    else:
-        preset = get_model_preset(model.preset)
-        shape = {k: v for k, v in asdict(preset).items() if k != "description"}
-        for key in (
-            "num_hidden_layers",
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "vocab_size",
-        ):
-            value = getattr(model, key)
-            if value is not None:
-                shape[key] = value
-        if model.vocab_size is None and config.data.tokenizer == "byte":
-            # Byte-level: no point in the preset's 32k rows; a multiple of 64 keeps the
-            # head's matmul aligned.
-            shape["vocab_size"] = -(-tokenizer_vocab // 64) * 64
-        shape["max_position_ids"] = max(shape["max_position_ids"], config.data.seq_len)
-        params = type(preset)(description="", **shape).parameters()
-    vocab = params.model.vocab_size
-    if tokenizer_vocab > vocab:
-        raise ValueError(
-            f"the tokenizer's vocabulary ({tokenizer_vocab} ids) is larger than the model's "
-            f"({vocab}): set model.vocab_size >= {tokenizer_vocab} or use another tokenizer"
-        )
-    if config.data.seq_len > params.model.max_position_ids:
-        raise ValueError(
-            f"data.seq_len={config.data.seq_len} exceeds the model's max_position_ids="
-            f"{params.model.max_position_ids}"
-        )
-    return params
+    return mesh.build()
 
 
 def _log(message: str) -> None:
@@ -229,7 +160,9 @@ class Trainer:
         tokenizer = load_tokenizer(config.data.tokenizer)
         self.tokenizer = tokenizer
         corpus = self._corpus(tokenizer)
-        self.params = model_params_for(config, tokenizer.vocab_size)
+        self.params = config.model.parameters(
+            config.data.seq_len, tokenizer.vocab_size, config.data.tokenizer == "byte"
+        )
         corpus = corpus.split_long_documents(self.params.model.max_position_ids)
         vocab = self.params.model.vocab_size
         top = corpus.max_token_id()
@@ -339,7 +272,7 @@ class Trainer:
             float8=float8,
             override_tflops=config.peak_tflops,
         )
-        self._memory_label = "mem" if self.ctx.device.type == "cuda" else "peak RSS"
+        self._memory_label = process_peak_memory(self.ctx.device)[1]
         self._log(f"MFU against {self.peak.source}")
         self._nonfinite_in_a_row = 0
 
@@ -442,17 +375,11 @@ class Trainer:
             lr=lr,
             tokens_per_second=self.tokens_per_step / seconds,
             mfu=self._flops_per_step_per_device / seconds / self.peak.flops_per_second,
-            memory_bytes=self._memory_bytes(),
+            memory_bytes=process_peak_memory(self.ctx.device)[0],
             step_seconds=seconds,
             overhead_seconds=data_seconds + clip_seconds,
             skipped=not finite,
         )
-
-    def _memory_bytes(self) -> int:
-        if self.ctx.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.ctx.device)
-        # Linux reports kilobytes.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _record(self, metrics: StepMetrics) -> None:
         log_started = time.perf_counter()
@@ -525,20 +452,10 @@ class Trainer:
         Returns:
             The folder written (``<output_dir>/hf`` by default).
         """
-        from torch.distributed.checkpoint import load as dcp_load
-
-        from d9d.module.model.qwen3_dense.hf_io import save_hf_checkpoint
-
         folder = Path(folder or self.output_dir / "hf")
         latest = self.checkpoints.latest()
         if latest is None or not latest.name.endswith(f"-{self.step}"):
             latest = self.save_checkpoint()
-        with torch.device("meta"):
-            full = Qwen3DenseForCausalLM(self.params, PipelineStageInfo(0, 1), "no", False)
-        full.to_empty(device="cpu")
-        state = {"model": full.state_dict()}
-        dcp_load(state, checkpoint_id=str(latest))
-        full.load_state_dict(state["model"])
-        save_hf_checkpoint(full, folder)
+        export_hf_from_checkpoint(self.params, latest, folder)
         self._log(f"exported an HF folder to {folder}")
         return folder

@@ -21,10 +21,10 @@ from d9d.module.parallelism.context_parallel import (
     head_tail_indices,
     shard_batch_for_context_parallel,
 )
-from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
+from tests import helpers
 from tests.helpers import guarded, rel_err, small_causal_lm_params
 
 GLOBAL_BATCH = 4
@@ -85,30 +85,26 @@ def make_batch(seed: int = 0, positions: torch.Tensor | None = PACKED_A) -> dict
 
 def reference_model(num_layers: int = 2, snapshot: str = "no") -> Qwen3DenseForCausalLM:
     """The single-process model every scenario compares with (same weights everywhere)."""
-    torch.manual_seed(0)
-    model = Qwen3DenseForCausalLM(_params(num_layers), PipelineStageInfo(0, 1), snapshot, False)
-    model.reset_parameters()
-    with torch.no_grad():
-        # Non-unit norm weights: a norm applied on the wrong tokens shows up.
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
+    return helpers.reference_model(Qwen3DenseForCausalLM, _params(num_layers), snapshot)
 
 
 def _reference_step(model, batch: dict, snapshot: str) -> dict:
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    count = (batch["labels"] != -100).sum()
-    loss = out["logps"].sum() / count
-    if snapshot == "mean":
+    if snapshot == "no":
+        out, loss, grads = helpers.reference_step(model, batch)
+    else:
+        # A loss on the snapshot as well (the layout's step adds the same term).
+        out = model(**batch)
+        loss = out["logps"].sum() / (batch["labels"] != -100).sum()
         loss = loss + SNAPSHOT_WEIGHT * out["hidden_states_snapshot"].sum()
-    loss.backward()
+        loss.backward()
+        loss = loss.detach()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return {
-        "loss": loss.detach(),
+        "loss": loss,
         "logps": out["logps"].detach(),
         "snapshot": out["hidden_states_snapshot"],
-        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+        "grads": grads,
     }
 
 

@@ -17,7 +17,13 @@ from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
-from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
+from tests.helpers import (
+    DIST_MODEL_KW,
+    guarded,
+    reference_model,
+    reference_step,
+    small_causal_lm_params,
+)
 
 GLOBAL_BATCH = 8
 SEQ = 16
@@ -46,21 +52,10 @@ def packed_global_batch() -> dict[str, torch.Tensor]:
 
 
 def _reference():
-    torch.manual_seed(0)
-    model = Qwen3DenseForCausalLM(
-        small_causal_lm_params(**MODEL_KW), PipelineStageInfo(0, 1), "no", False
-    )
-    model.reset_parameters()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
+    model = reference_model(Qwen3DenseForCausalLM, small_causal_lm_params(**MODEL_KW))
     batch = packed_global_batch()
-    out = model(**batch)
-    loss = out["logps"].sum() / (batch["labels"] != -100).sum()
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return model, batch, out["logps"].detach(), loss.detach(), grads
+    out, loss, grads = reference_step(model, batch)
+    return model, batch, out["logps"].detach(), loss, grads
 
 
 def _build_stages(ctx, ref_state, compile_config):

@@ -10,7 +10,6 @@ import functools
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -18,7 +17,6 @@ from torch.distributed.tensor import DTensor
 from d9d.checkpoint import load_model_checkpoint, save_model_checkpoint
 from d9d.core.dist_context import DeviceMeshParameters
 from d9d.dataset import token_pooling_mask_from_attention_mask
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification
 from d9d.module.parallelism.api import parallelize_hsdp
 from d9d.module.parallelism.float8 import precompute_float8_all_gather_scales
 from d9d.module.parallelism.model.qwen3_dense import (
@@ -35,8 +33,10 @@ from tests.helpers import (
     DIST_MODEL_KW,
     fresh_subdir,
     guarded,
-    small_causal_lm_params,
-    small_classification_params,
+    kind_model_cls,
+    kind_params,
+    reference_model,
+    reference_step,
 )
 
 GLOBAL_BATCH = 8
@@ -46,13 +46,10 @@ MODEL_KW = DIST_MODEL_KW
 
 
 def _model_params(kind: str):
-    if kind == "causal_lm":
-        return small_causal_lm_params(**MODEL_KW)
-    return small_classification_params(num_labels=3, **MODEL_KW)
+    return kind_params(kind, **MODEL_KW)
 
 
-def _model_cls(kind: str):
-    return Qwen3DenseForCausalLM if kind == "causal_lm" else Qwen3DenseForClassification
+_model_cls = kind_model_cls
 
 
 def _global_batch(kind: str) -> dict[str, torch.Tensor]:
@@ -83,31 +80,14 @@ def _global_batch(kind: str) -> dict[str, torch.Tensor]:
 
 def _reference(kind: str, snapshot: str, compile_config=None):
     """The single-process model, its loss and gradients on the whole global batch."""
-    torch.manual_seed(0)
-    model = _model_cls(kind)(_model_params(kind), PipelineStageInfo(0, 1), snapshot, False)
-    model.reset_parameters()
-    with torch.no_grad():
-        # Non-unit norm weights, so a norm applied in the wrong place shows up.
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
+    model = reference_model(_model_cls(kind), _model_params(kind), snapshot)
     if compile_config is not None:
         from d9d.compile.float8 import convert_linears_to_float8
 
         convert_linears_to_float8(model, compile_config.float8)
     batch = _global_batch(kind)
-    out = model(**{k: v for k, v in batch.items() if k != "labels" or kind == "causal_lm"})
-    loss = _reference_loss(kind, out, batch["labels"])
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return model, batch, out, loss.detach(), grads
-
-
-def _reference_loss(kind: str, out, labels) -> torch.Tensor:
-    count = (labels != -100).sum()
-    if kind == "causal_lm":
-        return out["logps"].sum() / count
-    return F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum") / count
+    out, loss, grads = reference_step(model, batch)
+    return model, batch, out, loss, grads
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

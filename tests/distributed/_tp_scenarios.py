@@ -12,13 +12,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from d9d.core.dist_context import DeviceMeshParameters
 from d9d.dataset import token_pooling_mask_from_attention_mask
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForClassification
 from d9d.module.parallelism.model.qwen3_dense import (
     parallelize_qwen3_dense_for_causal_lm,
     parallelize_qwen3_dense_for_classification,
@@ -27,7 +25,8 @@ from d9d.pipelining.api import PipelineStageInfo
 from d9d.pipelining.loss import CausalLMLoss, ClassificationLoss
 from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
-from tests.helpers import guarded, small_causal_lm_params, small_classification_params
+from tests import helpers
+from tests.helpers import guarded, kind_model_cls, kind_params, rel_err
 
 GLOBAL_BATCH = 4
 SEQ = 8
@@ -60,14 +59,10 @@ PACKED_POSITIONS = torch.tensor(
 
 
 def _params(kind: str, num_layers: int = 2, **overrides):
-    kw = dict(MODEL_KW, num_hidden_layers=num_layers, **overrides)
-    if kind == "causal_lm":
-        return small_causal_lm_params(**kw)
-    return small_classification_params(num_labels=3, **kw)
+    return kind_params(kind, **dict(MODEL_KW, num_hidden_layers=num_layers, **overrides))
 
 
-def _model_cls(kind: str):
-    return Qwen3DenseForCausalLM if kind == "causal_lm" else Qwen3DenseForClassification
+_model_cls = kind_model_cls
 
 
 def _batch(kind: str) -> dict[str, torch.Tensor]:
@@ -91,45 +86,18 @@ def _batch(kind: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _forward_kwargs(kind: str, batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels" or kind == "causal_lm"}
-
-
-def _loss_sum(kind: str, out: dict, labels: torch.Tensor) -> torch.Tensor:
-    if kind == "causal_lm":
-        return out["logps"].sum()
-    return F.cross_entropy(out["scores"], labels, ignore_index=-100, reduction="sum")
-
-
 def reference_model(
     kind: str = "causal_lm", num_layers: int = 2, snapshot: str = "no"
 ) -> torch.nn.Module:
     """The single-process model every scenario compares with (same weights everywhere)."""
-    torch.manual_seed(0)
-    model = _model_cls(kind)(_params(kind, num_layers), PipelineStageInfo(0, 1), snapshot, False)
-    model.reset_parameters()
-    with torch.no_grad():
-        # Non-unit norm weights, so a norm applied on the wrong shard shows up.
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
+    return helpers.reference_model(_model_cls(kind), _params(kind, num_layers), snapshot)
 
 
 def _reference(kind: str, num_layers: int, snapshot: str = "no"):
     model = reference_model(kind, num_layers, snapshot)
     batch = _batch(kind)
-    out = model(**_forward_kwargs(kind, batch))
-    count = (batch["labels"] != -100).sum()
-    loss = _loss_sum(kind, out, batch["labels"]) / count
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return model, batch, out, loss.detach(), grads
-
-
-def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp_min(1e-12)
-    return ((actual - expected).abs().max() / scale).item()
+    out, loss, grads = helpers.reference_step(model, batch)
+    return model, batch, out, loss, grads
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +152,7 @@ def _grad_report(models, ref_grads) -> dict:
                 placements[name] = [str(p) for p in param.placements]
                 if grad.placements != param.placements:
                     incomplete.append(f"{name}: grad {grad.placements} vs {param.placements}")
-            worst = max(worst, _rel(_full(grad), ref_grads[name]))
+            worst = max(worst, rel_err(_full(grad), ref_grads[name]))
     return {
         "grad_rel": worst,
         "checked_params": names,
@@ -239,11 +207,11 @@ def run_tp_layout(
     if has_last:
         value = outputs[head]
         result["head_type"] = type(value).__name__
-        result["loss_rel"] = _rel(loss, ref_loss)
-        result["output_rel"] = _rel(_full(value), ref_out[head][rows])
+        result["loss_rel"] = rel_err(loss, ref_loss)
+        result["output_rel"] = rel_err(_full(value), ref_out[head][rows])
         if snapshot == "mean":
             got = outputs["hidden_states_snapshot"]
-            result["snapshot_rel"] = _rel(got, ref_out["hidden_states_snapshot"][:, rows])
+            result["snapshot_rel"] = rel_err(got, ref_out["hidden_states_snapshot"][:, rows])
     result["steps"] = stack.reports[0].steps
     result.update(_grad_report(stack.modules, ref_grads))
     result["all_params"] = sorted(ref_grads)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from d9d.compile import CompileConfig
+from d9d.metrics.peak import PeakFlops
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer, iter_configs
-from d9d.profiling.model_presets import get_model_preset
-from d9d.profiling.peak import PeakFlops
 from d9d.profiling.report import ProfileRecord, SkippedRecord, format_table
 
 PEAK = PeakFlops(1e12, "float32", "test peak", measured=False)

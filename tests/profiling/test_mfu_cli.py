@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d9d.profiling.flops import training_flops_per_token
-from d9d.profiling.model_presets import get_model_preset
+from d9d.metrics.flops import training_flops_per_token
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "profiling" / "mfu.py"
@@ -340,7 +340,7 @@ def test_gpu_defaults_are_a_real_shape_and_said_so(capsys):
 
 
 def test_auto_dtype_on_the_cpu_is_measured_and_said(monkeypatch, capsys):
-    from d9d.profiling import peak
+    from d9d.metrics import cpu_peak as peak
 
     measured = {torch.bfloat16: 100e9, torch.float32: 300e9}  # an AVX2-only CPU
     monkeypatch.setattr(peak, "measure_cpu_matmul_peak", lambda dtype: measured[dtype])

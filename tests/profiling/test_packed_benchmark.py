@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d9d.profiling.flops import packed_training_flops_per_token, training_flops_per_token
-from d9d.profiling.model_presets import get_model_preset
+from d9d.metrics.flops import packed_training_flops_per_token, training_flops_per_token
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 from d9d.profiling.packed import sample_document_lengths
 
 REPO = Path(__file__).resolve().parents[2]

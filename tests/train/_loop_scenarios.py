@@ -7,9 +7,9 @@ on gloo ranks started by ``tests.helpers.run_spawned``.
 
 from pathlib import Path
 
+from d9d.dataset.token_files import write_token_file
+from d9d.dataset.tokenizers import ByteTokenizer
 from d9d.train.config import load_train_config
-from d9d.train.data import write_token_file
-from d9d.train.tokenizers import ByteTokenizer
 
 STEPS = 10
 LAYOUTS = {
@@ -68,10 +68,9 @@ def write_hf_init(folder: str | Path, corpus: Path) -> Path:
     from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
     from d9d.module.model.qwen3_dense.hf_io import save_hf_checkpoint
     from d9d.pipelining.api import PipelineStageInfo
-    from d9d.train.loop import model_params_for
 
     config = load_train_config(None, overrides(corpus, Path(folder) / "unused"))
-    params = model_params_for(config, ByteTokenizer().vocab_size)
+    params = config.model.parameters(config.data.seq_len, ByteTokenizer().vocab_size, True)
     torch.manual_seed(0)
     model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
     model.reset_parameters()
@@ -79,8 +78,8 @@ def write_hf_init(folder: str | Path, corpus: Path) -> Path:
     return Path(folder) / "hf_init"
 
 
-def overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
-    """``--set`` items of the tiny test run (fp32, eager, clipping active)."""
+def overrides(corpus: Path, output_dir: Path, **extra) -> dict:
+    """The dotted-key settings of the tiny test run (fp32, eager, clipping active)."""
     items = {
         "steps": STEPS,
         "seed": 3,
@@ -106,17 +105,22 @@ def overrides(corpus: Path, output_dir: Path, **extra) -> list[str]:
         "checkpoint.export_hf": False,
         **extra,
     }
-    return [f"{key}={_toml(value)}" for key, value in items.items()]
+    return items
 
 
-def _toml(value) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
+def set_items(settings: dict) -> list[str]:
+    """The same settings as ``python -m d9d.train --set`` items (TOML values)."""
+
+    def toml(value) -> str:
+        if isinstance(value, str):
+            return f'"{value}"'
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, list):
+            return "[" + ", ".join(toml(v) for v in value) + "]"
+        return repr(value)
+
+    return [f"{key}={toml(value)}" for key, value in settings.items()]
 
 
 def train_layouts(workdir: str, corpus: str, init: str, names: list[str]) -> dict:
@@ -126,8 +130,8 @@ def train_layouts(workdir: str, corpus: str, init: str, names: list[str]) -> dic
     results = {}
     for name in names:
         items = overrides(Path(corpus), Path(workdir) / name.replace(" ", "_"))
-        items.append(f'model.init="{init}"')
-        items += [f"{k}={_toml(v)}" for k, v in LAYOUTS[name].items()]
+        items["model.init"] = str(init)
+        items.update(LAYOUTS[name])
         trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
         history = trainer.run()
         results[name] = {
@@ -147,20 +151,20 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     base = overrides(Path(corpus), Path(workdir) / "bad")
     results = {}
 
-    def attempt(name: str, *extra: str) -> None:
+    def attempt(name: str, **extra) -> None:
         try:
-            Trainer(load_train_config(None, [*base, *extra]), log=lambda _m: None)
+            Trainer(load_train_config(None, {**base, **extra}), log=lambda _m: None)
         except ValueError as err:
             results[name] = str(err)
         else:
             results[name] = None
 
-    attempt("small_corpus", "data.global_batch_size=100000")
-    attempt("vocab", "model.vocab_size=100")
-    attempt("missing_file", f'data.paths=["{workdir}/nope.bin"]')
-    attempt("microbatches", "parallel.n_microbatches=3")
-    attempt("layout", "parallel.data_parallel_shard=2")
-    attempt("context_parallel_seq", "parallel.context_parallel=2", "data.seq_len=30")
+    attempt("small_corpus", **{"data.global_batch_size": 100000})
+    attempt("vocab", **{"model.vocab_size": 100})
+    attempt("missing_file", **{"data.paths": [f"{workdir}/nope.bin"]})
+    attempt("microbatches", **{"parallel.n_microbatches": 3})
+    attempt("layout", **{"parallel.data_parallel_shard": 2})
+    attempt("context_parallel_seq", **{"parallel.context_parallel": 2, "data.seq_len": 30})
     # A checkpoint of another model in the run's folder.
     good = Trainer(load_train_config(None, base), log=lambda _m: None)
     good.save_checkpoint()
@@ -188,7 +192,7 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
         )
         for k, v in own.items()
     ) and len(reloaded) == len(own)
-    attempt("other_model", "model.hidden_size=64")
+    attempt("other_model", **{"model.hidden_size": 64})
     results["nonfinite"] = _nonfinite_run(base)
     # A corrupted latest checkpoint names itself and the previous one.
     good.step = 1
@@ -201,14 +205,14 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     return results
 
 
-def _nonfinite_run(base: list[str]) -> dict:
+def _nonfinite_run(base: dict) -> dict:
     # Poisoned gradients: every step's norm is NaN, so every optimizer step is skipped
     # and the run stops after clip.max_consecutive_nonfinite of them.
     import torch
 
     from d9d.train.loop import Trainer
 
-    items = [*base, "clip.max_consecutive_nonfinite=2", "checkpoint.resume=false"]
+    items = {**base, "clip.max_consecutive_nonfinite": 2, "checkpoint.resume": False}
     trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
     original = trainer.schedule.step
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.train._loop_scenarios import overrides, write_corpus, write_hf_init
+from tests.train._loop_scenarios import overrides, set_items, write_corpus, write_hf_init
 
 STEPS = 6
 HALF = STEPS // 2
@@ -81,7 +81,7 @@ def setup(tmp_path_factory):
             steps=STEPS,
             **{"checkpoint.interval": HALF, "checkpoint.save_final": True},
         )
-        return [*base, f'model.init="{init}"', *extra]
+        return [*set_items({**base, "model.init": str(init)}), *extra]
 
     return workdir, items
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def uses_float8_all_gather(modules: nn.Module | Iterable[nn.Module]) -> bool:
@@ -23,7 +24,7 @@ def uses_float8_all_gather(modules: nn.Module | Iterable[nn.Module]) -> bool:
     weight_cls = fsdp_utils.WeightWithDynamicFloat8CastTensor
     for module in [modules] if isinstance(modules, nn.Module) else modules:
         for param in module.parameters():
-            local = getattr(param, "_local_tensor", param)
+            local = param.to_local() if isinstance(param, DTensor) else param
             if isinstance(local, weight_cls):
                 return True
     return False

@@ -105,7 +105,12 @@ def _full_model_keys(model: Qwen3DenseHFModel) -> list[str]:
     causal = isinstance(model, Qwen3DenseForCausalLM)
     cls = Qwen3DenseForCausalLM if causal else Qwen3DenseForClassification
     with torch.device("meta"):
-        full = cls(model.params, PipelineStageInfo(0, 1), "no", False)
+        full = cls(
+            model.params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     return list(full.state_dict())
 
 

@@ -540,3 +540,24 @@ class Qwen3DenseForClassification(_Qwen3DenseWithHead):
                 shape = (int(pooling_mask[:batch].bool().sum()), num_labels)
             out["scores"] = torch.empty(shape, dtype=torch.float32, device="meta")
         return out
+
+
+def backbone_of(model: nn.Module, what: str) -> Qwen3DenseModel:
+    """The ``Qwen3DenseModel`` of a Qwen3 Dense model or pipeline stage.
+
+    Args:
+        model: ``Qwen3DenseModel``, ``Qwen3DenseForCausalLM`` or
+            ``Qwen3DenseForClassification``.
+        what: What needs the backbone (named in the error).
+
+    Raises:
+        ValueError: For any other module type.
+    """
+    if isinstance(model, Qwen3DenseModel):
+        return model
+    if isinstance(model, Qwen3DenseForCausalLM | Qwen3DenseForClassification):
+        return model.model
+    raise ValueError(
+        f"{what} applies to Qwen3DenseModel, Qwen3DenseForCausalLM or "
+        f"Qwen3DenseForClassification, got {type(model).__name__}"
+    )

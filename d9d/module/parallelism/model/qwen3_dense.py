@@ -186,19 +186,9 @@ def parallelize_qwen3_dense_for_causal_lm(
 ) -> None:
     """Parallelizes the Qwen3 Dense Causal LM model.
 
-    The backbone is parallelized as in ``parallelize_qwen3_dense_model``; the final norm
-    and the language-model head form one more unit (never resharded after forward: the
-    backward needs it right away).
-
-    Args:
-        dist_context: The distributed context containing device meshes and topology info.
-        model: The Qwen3 Dense Causal LM model to parallelize.
-        stage: Information about the current pipeline stage.
-        mp_policy: See :func:`apply_fsdp_qwen3_dense`.
-        reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
-
-    Raises:
-        ValueError: If a dimension does not split evenly over the tensor-parallel degree.
+    As ``parallelize_qwen3_dense_model`` (same arguments and errors), and on the last
+    stage the final norm with the language-model head as one more FSDP2 unit, never
+    resharded after forward (the backward needs it right away).
     """
     _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)
 
@@ -213,19 +203,9 @@ def parallelize_qwen3_dense_for_classification(
 ) -> None:
     """Parallelizes the Qwen3 Dense classification model.
 
-    The backbone is parallelized as in ``parallelize_qwen3_dense_model``; the final norm
-    and the classification head form one more unit (never resharded after forward).
-
-    Args:
-        dist_context: The distributed context containing device meshes and topology info.
-        model: The Qwen3 Dense classification model to parallelize.
-        stage: Information about the current pipeline stage.
-        mp_policy: See :func:`apply_fsdp_qwen3_dense`.
-        reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
-
-    Raises:
-        ValueError: Under context parallelism (the head pools chosen tokens of each row,
-            which the sequence split scatters over the ranks), or if a dimension does not
-            split evenly over the tensor-parallel degree.
+    As ``parallelize_qwen3_dense_model`` (same arguments and errors), and on the last
+    stage the final norm with the classification head as one more FSDP2 unit. Context
+    parallelism is refused (``ValueError``): the head pools chosen tokens of each row,
+    which the sequence split scatters over the ranks.
     """
     _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)

@@ -46,11 +46,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from d9d.core.dist_context import DENSE_DOMAIN, DistributedContext
-from d9d.module.model.qwen3_dense import (
-    Qwen3DenseForCausalLM,
-    Qwen3DenseForClassification,
-    Qwen3DenseModel,
-)
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseModel
+from d9d.module.model.qwen3_dense.model import backbone_of
 from d9d.module.parallelism.tensor_parallel import (
     ReplicateFirstInput,
     VocabParallelEmbedding,
@@ -61,14 +58,7 @@ from d9d.pipelining.api import PipelineStageInfo
 
 
 def _backbone(model: nn.Module) -> Qwen3DenseModel:
-    if isinstance(model, Qwen3DenseModel):
-        return model
-    if isinstance(model, Qwen3DenseForCausalLM | Qwen3DenseForClassification):
-        return model.model
-    raise ValueError(
-        "tensor parallelism expects Qwen3DenseModel, Qwen3DenseForCausalLM or "
-        f"Qwen3DenseForClassification, got {type(model).__name__}"
-    )
+    return backbone_of(model, "tensor parallelism")
 
 
 def validate_tensor_parallel(model: nn.Module, tensor_parallel: int) -> None:

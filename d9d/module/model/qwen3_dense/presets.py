@@ -1,4 +1,4 @@
-"""Named model shapes for the profiling harness.
+"""Named model shapes (harness, training loop, benchmarks) and the one way to override them.
 
 The ``qwen3-*`` rows are the public Qwen3 dense checkpoints' ``config.json`` shapes
 (huggingface.co/Qwen/Qwen3-<size>): vocabulary 151936, RoPE base 1e6, RMSNorm eps 1e-6,
@@ -7,9 +7,13 @@ dominate a step on a small CPU, small enough that eager plus three compiled pres
 finish in about three minutes on two cores. ``tiny`` exists for tests.
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
-from d9d.module.model.qwen3_dense import (
+from pydantic import ValidationError
+
+from d9d.core.config_errors import validation_problems
+from d9d.module.model.qwen3_dense.params import (
     Qwen3DenseForCausalLMParameters,
     Qwen3DenseLayerParameters,
     Qwen3DenseParameters,
@@ -138,3 +142,44 @@ def get_model_preset(name: str) -> ModelPreset:
     if preset is None:
         raise ValueError(f"unknown model preset '{name}' (known: {', '.join(MODEL_PRESETS)})")
     return preset
+
+
+SHAPE_FLAGS: dict[str, str] = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+}
+"""Command-line shape flags (``--num-layers``, ...) of the profiling scripts -> fields."""
+
+SHAPE_FIELDS: tuple[str, ...] = (*SHAPE_FLAGS.values(), "max_position_ids")
+"""The fields of a preset that :func:`preset_parameters` overrides."""
+
+
+def preset_parameters(name: str, **overrides: int | None) -> Qwen3DenseForCausalLMParameters:
+    """The causal-LM parameters of a named shape with some of its fields overridden.
+
+    Args:
+        name: A key of :data:`MODEL_PRESETS` (case-insensitive).
+        **overrides: Fields of :data:`SHAPE_FIELDS`; ``None`` keeps the preset's value.
+
+    Returns:
+        Validated parameters.
+
+    Raises:
+        ValueError: For an unknown preset or field, or a shape the model rejects (the
+            message names the preset, the overrides and the field).
+    """
+    preset = get_model_preset(name)
+    unknown = sorted(set(overrides) - set(SHAPE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown model shape field(s) {unknown}; known: {list(SHAPE_FIELDS)}")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return dataclasses.replace(preset, **given).parameters()
+    except ValidationError as err:
+        shape = name.lower() + "".join(f" {k}={v}" for k, v in given.items())
+        raise ValueError(f"model shape rejected ({shape}): {validation_problems(err)}") from None

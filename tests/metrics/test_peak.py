@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 
-from d9d.profiling import peak as peak_module
-from d9d.profiling.peak import (
+from d9d.metrics import cpu_peak as peak_module
+from d9d.metrics.accelerator_peaks import (
     ACCELERATOR_PEAKS,
     UnknownAcceleratorError,
-    faster_dtype_note,
     lookup_accelerator_peak,
-    measure_cpu_matmul_peak,
-    resolve_peak_flops,
 )
+from d9d.metrics.cpu_peak import faster_dtype_note, measure_cpu_matmul_peak
+from d9d.metrics.peak import resolve_peak_flops
 
 
 @pytest.mark.parametrize(
@@ -157,7 +156,7 @@ def test_note_when_the_other_dtype_multiplies_faster_on_this_cpu(
 
 
 def test_cpu_peak_measurement_stops_before_sizes_past_its_time_budget():
-    from d9d.profiling.peak import largest_measured_size
+    from d9d.metrics.cpu_peak import largest_measured_size
 
     sizes = (64, 96, 4096)  # a 4096^3 matmul does not fit a zero budget
     flops = measure_cpu_matmul_peak(torch.float64, sizes=sizes, repeats=1, budget_seconds=0.0)
@@ -171,7 +170,7 @@ def test_cpu_peak_measurement_stops_before_sizes_past_its_time_budget():
     [(159e9, 317e9, torch.float32), (400e9, 420e9, torch.bfloat16), (800e9, 400e9, torch.bfloat16)],
 )
 def test_auto_dtype_picks_what_this_cpu_multiplies_faster(monkeypatch, bf16, fp32, chosen):
-    from d9d.profiling import peak
+    from d9d.metrics import cpu_peak as peak
 
     measured = {torch.bfloat16: bf16, torch.float32: fp32}
     monkeypatch.setattr(peak, "measure_cpu_matmul_peak", lambda dtype: measured[dtype])

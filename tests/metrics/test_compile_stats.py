@@ -2,7 +2,7 @@
 
 import torch
 
-from d9d.profiling.compile_stats import read_compile_stats, reset_compile_state
+from d9d.metrics.compile_stats import read_compile_stats, reset_compile_state
 
 
 def _with_break(x):

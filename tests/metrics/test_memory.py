@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from d9d.profiling.memory import (
+from d9d.metrics.memory import (
     CPU_MEMORY_SOURCE,
     measure_cpu_step_memory,
     profiled_step_peak_bytes,

@@ -6,11 +6,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from d9d.metrics.flops import matmul_parameter_count, training_flops_per_token
 from d9d.module.block.hidden_states_aggregator import HiddenStatesAggregationMode
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
+from d9d.module.model.qwen3_dense.presets import get_model_preset
 from d9d.pipelining.api import PipelineStageInfo
-from d9d.profiling.flops import matmul_parameter_count, training_flops_per_token
-from d9d.profiling.model_presets import get_model_preset
 from tests.helpers import small_causal_lm_params
 
 BATCH, SEQ = 2, 24

@@ -39,6 +39,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# The DCP keys of a training checkpoint: the model's state dict, the optimizers' (flat).
+_MODEL_KEY = "model"
+_OPTIM_KEY = "optim"
 _STATE_FILE = "train_state.json"
 _FORMAT = 1
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -112,17 +115,17 @@ def _tensor_state(
     pairs: list[tuple[nn.Module, torch.optim.Optimizer]],
 ) -> tuple[dict[str, Any], list[tuple[list[str], list[str]]]]:
     # One flat dict for DCP, plus which keys belong to which (module, optimizer) pair.
-    merged: dict[str, Any] = {"model": {}, "optim": {}}
+    merged: dict[str, Any] = {_MODEL_KEY: {}, _OPTIM_KEY: {}}
     owners = []
     for module, optimizer in pairs:
         model_sd, optim_sd = get_state_dict(module, optimizer, options=_OPTIONS)
         # Optimizer hyperparameters (lr, betas) come from the config and the scheduler,
         # and stage modules would each repeat them under their own parameter names.
-        overlap = merged["model"].keys() & model_sd.keys()
+        overlap = merged[_MODEL_KEY].keys() & model_sd.keys()
         if overlap:
             raise ValueError(f"stage modules share state-dict keys: {sorted(overlap)[:5]}")
-        merged["model"].update(model_sd)
-        merged["optim"].update(optim_sd)
+        merged[_MODEL_KEY].update(model_sd)
+        merged[_OPTIM_KEY].update(optim_sd)
         owners.append((list(model_sd), list(optim_sd)))
     return merged, owners
 
@@ -300,8 +303,8 @@ class CheckpointManager:
             set_state_dict(
                 module,
                 optimizer,
-                model_state_dict={k: tensors["model"][k] for k in model_keys},
-                optim_state_dict={k: tensors["optim"][k] for k in optim_keys},
+                model_state_dict={k: tensors[_MODEL_KEY][k] for k in model_keys},
+                optim_state_dict={k: tensors[_OPTIM_KEY][k] for k in optim_keys},
                 options=_OPTIONS,
             )
         for scheduler in schedulers:
@@ -313,6 +316,28 @@ class CheckpointManager:
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return ResumeState(path, int(state["step"]), state["data"], state.get("extra", {}))
+
+
+def load_model_weights(path: str | os.PathLike, module: nn.Module) -> None:
+    """Fills a plain (unsharded) module with the model weights of training checkpoint ``path``.
+
+    Only the module's own keys are read (no optimizer state), whatever layout wrote the
+    checkpoint; the module must be materialised (``to_empty``). Every rank that calls it
+    reads; with a process group, call it on every rank together.
+
+    Args:
+        path: A complete training checkpoint folder.
+        module: The module to fill (e.g. the whole model on the CPU, for an export).
+
+    Raises:
+        CheckpointError: If the checkpoint could not be read.
+    """
+    state = {_MODEL_KEY: module.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"checkpoint {path} could not be read ({_last_line(err)})") from err
+    module.load_state_dict(state[_MODEL_KEY])
 
 
 def _step_of(path: Path) -> int:

@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from d9d.train.data import (
-    DocumentCorpus,
-    PackedBatches,
-    open_token_file,
-    tokenize_text_files,
-    write_token_file,
-)
-from d9d.train.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from d9d.dataset.corpus import DocumentCorpus
+from d9d.dataset.packed_batches import PackedBatches
+from d9d.dataset.text_files import tokenize_text_files
+from d9d.dataset.token_files import open_token_file, write_token_file
+from d9d.dataset.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 EOS = 0
 
@@ -127,7 +124,7 @@ def test_text_files_tokenized_once_and_cached(tmp_path):
 
 
 def test_stdlib_corpus_is_found():
-    from d9d.train.data import stdlib_text_files
+    from d9d.dataset.text_files import stdlib_text_files
 
     files = stdlib_text_files()
     names = {f.name for f in files}
@@ -138,7 +135,8 @@ def test_stdlib_corpus_is_found():
 def test_long_documents_are_cut_to_the_models_positions():
     import numpy as np
 
-    from d9d.train.data import DocumentCorpus, TokenFile
+    from d9d.dataset.corpus import DocumentCorpus
+    from d9d.dataset.token_files import TokenFile
 
     tokens = np.arange(20, dtype=np.uint16)
     corpus = DocumentCorpus([TokenFile("mem", tokens, np.array([0, 5]), np.array([5, 15]))])

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from d9d.train.checkpoint import CheckpointError, CheckpointManager
+from d9d.checkpoint.training import CheckpointError, CheckpointManager
 from d9d.train.lr import build_lr_scheduler
 
 PARAMS = {"hidden_size": 4}

@@ -15,12 +15,14 @@ CPU the peak is rebuilt from what the training loop holds plus what one step all
 on CUDA (tensor bytes, not allocator caching or fragmentation).
 """
 
+import resource
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch._C._profiler import _EventType
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
 CUDA_MEMORY_SOURCE = "cuda: torch.cuda.max_memory_allocated over the measured steps"
@@ -50,7 +52,7 @@ class MemoryMeasurement:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     # A DTensor (FSDP2 shard) owns only its local shard's storage.
-    return getattr(tensor, "_local_tensor", tensor)
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def resident_tensor_bytes(
@@ -235,3 +237,20 @@ def measure_cpu_step_memory(
         step_peak_bytes=step_peak,
         source=CPU_MEMORY_SOURCE,
     )
+
+
+def process_peak_memory(device: torch.device) -> tuple[int, str]:
+    """The process's peak memory so far, cheap enough to read every step.
+
+    Args:
+        device: The training device.
+
+    Returns:
+        ``(bytes, label)``: the CUDA allocator's peak (``"mem"``), or on the CPU the
+        process's peak resident set size (``"peak RSS"``, which includes everything the
+        process ever held, not just tensors).
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "mem"
+    # Linux reports kilobytes.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
