@@ -210,10 +210,14 @@ def _all_gather_kv(
     gathered = local.new_empty((group_size * 2, *local.shape[1:]))
     _all_gather_into(gathered, local, _GROUPS[group_name])
     batch, heads, seq, dim = key.shape
-    # (C, 2, B, H, S, D) -> (2, B, H, C * S, D): rank r's tokens at slots [r * S, (r + 1) * S).
-    full = gathered.view(group_size, 2, batch, heads, seq, dim).permute(1, 2, 3, 0, 4, 5)
-    full = full.reshape(2, batch, heads, group_size * seq, dim)
-    return full[0].clone(), full[1].clone()
+    pieces = gathered.view(group_size, 2, batch, heads, seq, dim)
+    outputs = []
+    for which in (0, 1):
+        # (C, B, H, S, D) -> (B, H, C * S, D), one copy: rank r's tokens at [r * S, (r + 1) * S).
+        full = key.new_empty((batch, heads, group_size * seq, dim))
+        full.view(batch, heads, group_size, seq, dim).copy_(pieces[:, which].permute(1, 2, 0, 3, 4))
+        outputs.append(full)
+    return outputs[0], outputs[1]
 
 
 @_all_gather_kv.register_fake
@@ -229,11 +233,12 @@ def _reduce_scatter_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, full_seq, dim = grad_key.shape
     seq = full_seq // group_size
-    # (2, B, H, C * S, D) -> (C, 2, B, H, S, D): the piece for rank r first on dim 0.
-    grads = torch.stack([grad_key, grad_value]).view(2, batch, heads, group_size, seq, dim)
-    grads = grads.permute(3, 0, 1, 2, 4, 5).contiguous()
-    local = grads.new_empty(grads.shape[1:])
-    _reduce_scatter_into(local, grads.view(group_size * 2, *grads.shape[2:]), _GROUPS[group_name])
+    # (B, H, C * S, D) -> (C, 2, B, H, S, D), one copy: the piece for rank r first on dim 0.
+    pieces = grad_key.new_empty((group_size, 2, batch, heads, seq, dim))
+    for which, grad in enumerate((grad_key, grad_value)):
+        pieces[:, which].copy_(grad.view(batch, heads, group_size, seq, dim).permute(2, 0, 1, 3, 4))
+    local = pieces.new_empty(pieces.shape[1:])
+    _reduce_scatter_into(local, pieces.view(group_size * 2, *pieces.shape[2:]), _GROUPS[group_name])
     return local[0].clone(), local[1].clone()
 
 
@@ -248,7 +253,7 @@ def _all_gather_kv_backward(ctx, grad_key, grad_value):
     # Every rank's queries read this rank's keys: their gradients are summed back here.
     grad_key, grad_value = _reduce_scatter_kv(
         grad_key.contiguous(), grad_value.contiguous(), ctx.group_name, ctx.group_size
-    )
+    )  # contiguous: the op views them as (B, H, C, S, D)
     return grad_key, grad_value, None, None
 
 
