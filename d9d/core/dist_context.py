@@ -12,8 +12,10 @@ cp_replicate, tp``. Two views of that one layout are built:
   ``dp_cp_shard = data_parallel_shard * context_parallel_shard`` — the dims dense weights
   are sharded/replicated over.
 * ``BATCH_DOMAIN``: ``("pp", "dp", "cp", "tp")`` where ``dp = data_parallel_replicate *
-  data_parallel_shard`` — ranks that read different samples, used for data loading and
-  for the global token counts of the loss.
+  data_parallel_shard`` — ranks that read different samples, used for data loading —
+  and ``cp = context_parallel_shard * context_parallel_replicate`` — ranks that hold
+  different tokens of the same rows; the global token counts of the loss reduce over
+  both (``dp_cp_group``).
 """
 
 import os
@@ -257,7 +259,7 @@ class DistributedContext:
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        """The group of ranks that read different samples (for global token counts)."""
+        """The ranks that read different samples (the loss counts: :attr:`dp_cp_group`)."""
         return self.mesh_for(BATCH_DOMAIN).get_group("dp")
 
     @property
