@@ -4,6 +4,12 @@
 * ``d9d.train.lr``: warmup + cosine / linear / warmup-stable-decay schedules;
 * ``d9d.train.grad_norm``: gradient clipping over FSDP shards and pipeline ranks;
 * ``d9d.checkpoint.training``: atomic, resumable training checkpoints;
+* ``d9d.train.validation``: the held-out loss (``[eval]``) through the step object's
+  forward-only path;
+* ``d9d.train.metric_sinks``: ``metrics.jsonl``, TensorBoard and W&B (``[metrics]``);
+* ``d9d.train.progress``: the step line's ETA;
+* ``d9d.train.plot``: loss, LR and throughput curves of a run (``--plot``);
 * ``d9d.train.loop``: the loop that puts them together (its data comes from
-  ``d9d.dataset``: tokenizers, token files, cached text, packed resumable batches).
+  ``d9d.dataset``: tokenizers, token files, cached text, packed resumable batches, the
+  held-out split).
 """

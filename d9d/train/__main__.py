@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key (dotted, e.g. parallel.pipeline_parallel=2); repeatable",
     )
     parser.add_argument(
-        "--plot", action="store_true", help="write loss/LR/grad-norm curves to a PNG at the end"
+        "--plot",
+        action="store_true",
+        help="at the end, draw loss, held-out loss, LR and tokens/s into OUTPUT_DIR/curves.png",
     )
     return parser
 
@@ -41,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         # Fail before training, not after it.
         from d9d.train.plot import require_matplotlib
 
-        require_matplotlib()
+        if not config.metrics.jsonl:
+            print("error: --plot reads metrics.jsonl: set metrics.jsonl=true", file=sys.stderr)
+            return 2
+        try:
+            require_matplotlib()
+        except ImportError as err:
+            print(f"error: --plot: {err}", file=sys.stderr)
+            return 2
     from d9d.train.loop import Trainer
 
     try:

@@ -258,6 +258,73 @@ class CheckpointSection(_Section):
     kill_after_save: int | None = Field(default=None, ge=1)
 
 
+class EvalSection(_Section):
+    """``[eval]``: the held-out loss (see ``d9d.train.validation``).
+
+    Evaluation is on when ``enabled`` is true, or unset with ``fraction`` or ``paths``
+    given; it then runs every ``interval`` steps and always after the last step.
+
+    Attributes:
+        enabled: ``None``: on exactly when ``fraction`` or ``paths`` is set. ``False``
+            with ``fraction`` set keeps the held-out documents out of training and runs
+            no evaluation, so switching evaluation off leaves the training data as is.
+        fraction: Share of the corpus's documents held out (a seeded split of the
+            document indices, the same under every layout; no document on both sides).
+        paths: Held-out files instead, read like ``[data]`` (token files for
+            ``source = "tokens"``, text files otherwise, with the same tokenizer).
+        interval: Evaluate every this many steps (0: only after the last step).
+        max_batches: Global batches per evaluation (``None``: the whole held-out set).
+    """
+
+    enabled: bool | None = None
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    paths: tuple[str, ...] = ()
+    interval: int = Field(default=0, ge=0)
+    max_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalSection":
+        if self.fraction is not None and self.paths:
+            raise ValueError("set 'fraction' or 'paths', not both")
+        if self.enabled and self.fraction is None and not self.paths:
+            raise ValueError("enabled = true needs 'fraction' or 'paths' (the held-out data)")
+        settings = sorted(self.model_fields_set & {"interval", "max_batches"})
+        if self.enabled is None and self.fraction is None and not self.paths and settings:
+            # Likely meant to evaluate: say so instead of silently not evaluating.
+            raise ValueError(
+                f"{' and '.join(map(repr, settings))} set, but no 'fraction' or 'paths' "
+                "(the held-out data)"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether evaluations run."""
+        if self.enabled is not None:
+            return self.enabled
+        return self.fraction is not None or bool(self.paths)
+
+
+class MetricsSection(_Section):
+    """``[metrics]``: where step and eval metrics go (see ``d9d.train.metric_sinks``).
+
+    Rank 0 writes every sink.
+
+    Attributes:
+        jsonl: ``<output_dir>/metrics.jsonl``, one JSON line per logged step and per
+            evaluation (``--plot`` reads it).
+        tensorboard: TensorBoard event files under ``<output_dir>/tensorboard`` (needs
+            the ``tensorboard`` package: ``pip install 'd9d[tensorboard]'``).
+        wandb: A Weights & Biases run under ``<output_dir>/wandb``, offline unless the
+            ``WANDB_MODE`` environment variable says otherwise (``pip install
+            'd9d[wandb]'``).
+    """
+
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+
+
 class TrainConfig(_Section):
     """A whole training run.
 
@@ -280,6 +347,8 @@ class TrainConfig(_Section):
         parallel: See :class:`ParallelSection`.
         clip: See :class:`ClipSection`.
         checkpoint: See :class:`CheckpointSection`.
+        eval: See :class:`EvalSection`.
+        metrics: See :class:`MetricsSection`.
     """
 
     steps: int = Field(default=300, ge=1)
@@ -297,6 +366,8 @@ class TrainConfig(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     clip: ClipSection = Field(default_factory=ClipSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @property
     def checkpoint_folder(self) -> Path:

@@ -6,7 +6,8 @@ stack's builder, and resumes from the latest complete checkpoint. ``Trainer.run(
 steps: data -> forward/backward (``d9d.pipelining.step.build_schedule``: a pipeline
 schedule or the single stage, one loss normalisation) -> clipping by the global norm ->
 AdamW (skipped on a non-finite norm) -> LR schedule -> one log line and one JSON line in
-``<output_dir>/metrics.jsonl`` -> checkpoint (its save time goes to
+``<output_dir>/metrics.jsonl`` (and the other ``[metrics]`` sinks) -> the held-out loss
+when due (``d9d.train.validation``) -> checkpoint (its save time goes to
 ``<output_dir>/checkpoints.jsonl``).
 """
 
@@ -27,6 +28,7 @@ from d9d.compile import load_compile_config
 from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DistributedContext
 from d9d.dataset.corpus import DocumentCorpus
+from d9d.dataset.heldout import HeldOutBatches
 from d9d.dataset.packed_batches import PackedBatches
 from d9d.dataset.text_files import tokenize_stdlib, tokenize_text_files
 from d9d.dataset.token_files import open_token_file
@@ -44,9 +46,11 @@ from d9d.stack import build_stage_modules
 from d9d.train.config import TrainConfig
 from d9d.train.grad_norm import clip_grad_norm_
 from d9d.train.lr import build_lr_scheduler
+from d9d.train.metric_sinks import METRICS_FILE, check_metric_sinks, open_metric_sinks
 from d9d.train.mixed_precision import apply_mixed_precision
+from d9d.train.progress import Progress, format_duration
+from d9d.train.validation import EvalMetrics, Validator, eval_source, split_eval_corpus
 
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 
 
@@ -78,14 +82,15 @@ class StepMetrics:
     overhead_seconds: float
     skipped: bool = False
 
-    def line(self, total_steps: int, memory_label: str) -> str:
-        """The human-readable log line."""
+    def line(self, total_steps: int, memory_label: str, eta: str = "") -> str:
+        """The human-readable log line (``eta``: the time left, shown when given)."""
         skipped = " | SKIPPED (non-finite grad norm)" if self.skipped else ""
+        eta = f" | ETA {eta}" if eta else ""
         return (
             f"step {self.step:>{len(str(total_steps))}}/{total_steps} | loss {self.loss:.4f} | "
             f"grad_norm {self.grad_norm:.3f} | lr {self.lr:.2e} | "
             f"{self.tokens_per_second:,.0f} tok/s | MFU {100 * self.mfu:.1f}% | "
-            f"{memory_label} {self.memory_bytes / 2**30:.2f} GiB{skipped}"
+            f"{memory_label} {self.memory_bytes / 2**30:.2f} GiB{eta}{skipped}"
         )
 
 
@@ -152,6 +157,7 @@ class Trainer:
                     "checkpoint.export_hf needs the 'safetensors' package (pip install "
                     "'d9d[hf]'), or set checkpoint.export_hf=false"
                 ) from err
+        check_metric_sinks(config.metrics)
         self.output_dir = Path(config.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +165,12 @@ class Trainer:
 
         tokenizer = load_tokenizer(config.data.tokenizer)
         self.tokenizer = tokenizer
-        corpus = self._corpus(tokenizer)
+        corpus, heldout = split_eval_corpus(
+            config.eval,
+            self._corpus(tokenizer),
+            lambda paths: self._corpus(tokenizer, paths),
+            config.seed,
+        )
         self.params = config.model.parameters(
             config.data.seq_len, tokenizer.vocab_size, config.data.tokenizer == "byte"
         )
@@ -199,6 +210,7 @@ class Trainer:
             f"{len(self.data.plan)} rows of {config.data.seq_len + 1} "
             f"({self.data.batches_per_epoch} batches per epoch)"
         )
+        self.heldout = self._heldout_batches(heldout) if config.eval.active else None
 
         compile_config, param_dtype = apply_mixed_precision(
             load_compile_config(config.compile_preset), config.mixed_precision
@@ -256,6 +268,17 @@ class Trainer:
             CausalLMLoss(),
             kind=parallel.pipeline_schedule,
         )
+        self.validator = None
+        if self.heldout is not None:
+            self.validator = Validator(
+                self.heldout,
+                self.schedule,
+                self.modules,
+                self.ctx.device,
+                config.eval,
+                config.steps,
+                prepare_batch=self._prepare_batch,
+            )
         self.checkpoints = CheckpointManager(
             config.checkpoint_folder, keep_last=config.checkpoint.keep_last
         )
@@ -275,32 +298,69 @@ class Trainer:
         self._memory_label = process_peak_memory(self.ctx.device)[1]
         self._log(f"MFU against {self.peak.source}")
         self._nonfinite_in_a_row = 0
+        self._sinks = []
+        self.eval_history: list[EvalMetrics] = []
 
     # -----------------------------------------------------------------------------------
 
-    def _corpus(self, tokenizer) -> DocumentCorpus:
+    def _corpus(self, tokenizer, paths: tuple[str, ...] | None = None) -> DocumentCorpus:
+        # ``paths``: held-out files, read like [data]'s (all their documents).
         data = self.config.data
         cache = data.cache_dir or str(self.output_dir / "token_cache")
+        max_documents = data.max_documents if paths is None else None
         if data.source == "tokens":
-            files = [Path(p) for p in data.paths]
+            files = [Path(p) for p in (paths or data.paths)]
             return DocumentCorpus(
                 [open_token_file(p, data.eos_id, data.token_dtype) for p in files],
-                data.max_documents,
+                max_documents,
             )
         # Rank 0 tokenizes (with progress lines); the others wait and read its cache.
         path = None
         if self.is_main:
-            if data.source == "stdlib":
+            if data.source == "stdlib" and paths is None:
                 path = tokenize_stdlib(tokenizer, cache, progress=self._log)
             else:
                 path = tokenize_text_files(
-                    data.paths, tokenizer, cache, text_key=data.text_key, progress=self._log
+                    paths or data.paths,
+                    tokenizer,
+                    cache,
+                    text_key=data.text_key,
+                    progress=self._log,
                 )
         shared = [str(path) if path else None]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is None:
             raise ValueError("tokenizing the corpus failed on rank 0")
-        return DocumentCorpus([open_token_file(shared[0], None)], data.max_documents)
+        return DocumentCorpus([open_token_file(shared[0], None)], max_documents)
+
+    def _heldout_batches(self, heldout: DocumentCorpus) -> HeldOutBatches:
+        config = self.config
+        source = eval_source(config.eval)
+        heldout = heldout.split_long_documents(self.params.model.max_position_ids)
+        if config.eval.paths and len(heldout):
+            top = heldout.max_token_id()
+            if top >= self.params.model.vocab_size:
+                raise ValueError(
+                    f"eval.paths: the held-out data holds token id {top}, outside the "
+                    f"model's vocabulary of {self.params.model.vocab_size}"
+                )
+        batches = HeldOutBatches(
+            heldout,
+            config.data.seq_len,
+            config.data.global_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size,
+            seed=config.seed,
+            pad_id=self.tokenizer.pad_id,
+            max_batches=config.eval.max_batches,
+            source=source,
+        )
+        self._log(
+            f"eval: {len(heldout)} held-out documents, {heldout.num_tokens:,} tokens -> "
+            f"{len(batches.plan)} rows ({batches.num_batches} of {batches.total_batches} "
+            "batches per evaluation)"
+        )
+        return batches
 
     def _model_signature(self) -> dict:
         return self.params.model_dump(mode="json")
@@ -337,12 +397,16 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------
 
+    def _prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # One way from a loader's batch to the step object's, for training and evaluation.
+        batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+        # The ranks of a CP group read the same rows; each keeps its share of the tokens.
+        return shard_batch_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
+
     def train_step(self) -> StepMetrics:
         """Runs one optimizer step; returns its metrics."""
         started = time.perf_counter()
-        batch = {k: v.to(self.ctx.device) for k, v in self.data.next_batch().items()}
-        # The ranks of a CP group read the same rows; each keeps its share of the tokens.
-        batch = shard_batch_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
+        batch = self._prepare_batch(self.data.next_batch())
         data_seconds = time.perf_counter() - started
         lr = self.optimizers[0].param_groups[0]["lr"]
         # Every token id and position was checked against the model before the first
@@ -381,13 +445,23 @@ class Trainer:
             skipped=not finite,
         )
 
-    def _record(self, metrics: StepMetrics) -> None:
+    def _record(self, metrics: StepMetrics, eta_seconds: float | None = None) -> None:
         log_started = time.perf_counter()
         if self.is_main:
-            self._log(metrics.line(self.config.steps, self._memory_label))
-            with (self.output_dir / METRICS_FILE).open("a") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
+            eta = format_duration(eta_seconds) if eta_seconds is not None else ""
+            self._log(metrics.line(self.config.steps, self._memory_label, eta))
+            for sink in self._sinks:
+                sink.write(asdict(metrics))
         metrics.overhead_seconds += time.perf_counter() - log_started
+
+    def _evaluate(self) -> EvalMetrics:
+        # Every rank evaluates its share; rank 0 reports.
+        result = self.validator.run(self.step)
+        if self.is_main:
+            self._log(result.line(self.config.steps))
+            for sink in self._sinks:
+                sink.write(asdict(result))
+        return result
 
     def save_checkpoint(self) -> Path:
         """Saves a checkpoint of the current step (every rank calls this)."""
@@ -417,10 +491,34 @@ class Trainer:
         """
         config = self.config
         history = []
+        self.eval_history = []
         for module in self.modules:
             module.train()
+        progress = Progress(config.steps)
+        self._sinks = (
+            open_metric_sinks(
+                config.metrics,
+                self.output_dir,
+                resumed_step=self.step,
+                config=config.model_dump(mode="json"),
+                log=self._log,
+            )
+            if self.is_main
+            else []
+        )
+        try:
+            self._train_until_done(history, progress)
+        finally:
+            for sink in self._sinks:
+                sink.close()
+            self._sinks = []
+        return history
+
+    def _train_until_done(self, history: list[StepMetrics], progress: Progress) -> None:
+        config = self.config
         while self.step < config.steps:
             metrics = self.train_step()
+            eta_seconds = progress.eta_seconds(metrics.step, metrics.step_seconds)
             if metrics.skipped:
                 self._log(
                     f"step {metrics.step}: non-finite gradient norm {metrics.grad_norm}; "
@@ -432,8 +530,10 @@ class Trainer:
                         "non-finite gradient norms in a row (clip.max_consecutive_nonfinite)"
                     )
             if metrics.step % config.log_interval == 0 or metrics.step == config.steps:
-                self._record(metrics)
+                self._record(metrics, eta_seconds)
             history.append(metrics)
+            if self.validator is not None and self.validator.due(self.step):
+                self.eval_history.append(self._evaluate())
             ck = config.checkpoint
             last = self.step == config.steps
             if (ck.interval and self.step % ck.interval == 0) or (last and ck.save_final):
@@ -441,7 +541,6 @@ class Trainer:
                 if ck.kill_after_save == self.step:
                     # Testing aid: die like a crash would, right after a complete save.
                     os.kill(os.getpid(), signal.SIGKILL)
-        return history
 
     def export_hf(self, folder: str | os.PathLike | None = None) -> Path:
         """Writes the trained model as an HF folder (every rank calls this).
