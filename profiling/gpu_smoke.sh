@@ -8,7 +8,9 @@
 # (qwen3-1.7b at 1 x 4096 tokens: eager, compile_sac, compile_sac_float8, JSON and a
 # Chrome trace), pure_bf16 (the pure-bf16 option), torchrun_1rank (the distributed path
 # on one rank), fp32_attention (fp32 GQA at 4096 tokens must not use SDPA's math
-# kernel; plus the harness in fp32), tests (the fast tests of the GPU-facing code).
+# kernel; plus the harness in fp32), context_parallel (two context-parallel ranks on the
+# one GPU over gloo: the FlexAttention path forward and backward, eager and compile_sac,
+# against one process), tests (the fast tests of the GPU-facing code).
 # Each step has a time limit; its log, JSON records and exit status go to OUT_DIR, and
 # `python -m d9d.profiling.smoke summarize OUT_DIR` prints one summary to paste into the
 # README and exits non-zero on any failure (this script exits with its status).
@@ -29,7 +31,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention tests)
+ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention context_parallel
+    tests)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 
@@ -85,6 +88,8 @@ step fp32_attention 150 fp32_attention.json bash -c "
     $PYTHON profiling/mfu.py --model qwen3-0.6b --num-layers 2 --batch-size 1 --seq-len 4096 \
         --steps 2 --warmup 1 --dtype float32 --no-mixed-precision --config eager \
         --json '$OUT/fp32_attention.json'"
+step context_parallel 300 - "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
+    -m d9d.profiling.smoke context-parallel --seq-len 1024
 step tests 180 - "$PYTHON" -m pytest -q -x -p no:cacheprovider \
     tests/module/block/test_sdpa_kernels.py tests/compile/test_float8_filter.py \
     tests/profiling/test_peak.py tests/profiling/test_config_loop.py tests/profiling/test_smoke.py

@@ -198,6 +198,10 @@ class ParallelSection(_Section):
         data_parallel_replicate: HSDP replicas.
         tensor_parallel: Tensor-parallel ranks (sequence parallel between blocks; they
             read the same data).
+        context_parallel: Context-parallel ranks that also shard the weights (FSDP over
+            ``data_parallel_shard x context_parallel``): they read the same rows and each
+            trains on a head-tail share of every row's tokens.
+        context_parallel_replicate: Context-parallel ranks that replicate the weights.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
         stages_per_rank: Pipeline stages per rank (more than 1 needs interleaved 1F1B).
         n_microbatches: Microbatches per step (``None``: the number of pipeline stages;
@@ -208,6 +212,8 @@ class ParallelSection(_Section):
     data_parallel_shard: int = Field(default=1, ge=1)
     data_parallel_replicate: int = Field(default=1, ge=1)
     tensor_parallel: int = Field(default=1, ge=1)
+    context_parallel: int = Field(default=1, ge=1)
+    context_parallel_replicate: int = Field(default=1, ge=1)
     pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     stages_per_rank: int = Field(default=1, ge=1)
     n_microbatches: int | None = Field(default=None, ge=1)
@@ -219,6 +225,8 @@ class ParallelSection(_Section):
             data_parallel_shard=self.data_parallel_shard,
             data_parallel_replicate=self.data_parallel_replicate,
             tensor_parallel=self.tensor_parallel,
+            context_parallel_shard=self.context_parallel,
+            context_parallel_replicate=self.context_parallel_replicate,
         )
 
     @property

@@ -39,6 +39,10 @@ from d9d.dataset.tokenizers import load_tokenizer
 from d9d.metrics.flops import training_flops_per_token
 from d9d.metrics.memory import process_peak_memory
 from d9d.metrics.peak import resolve_peak_flops
+from d9d.module.parallelism.context_parallel import (
+    check_context_parallel_seq_len,
+    shard_batch_for_context_parallel,
+)
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import build_schedule
 from d9d.stack import build_stage_modules
@@ -106,6 +110,13 @@ def build_dist_context(config: TrainConfig) -> DistributedContext:
         ValueError: If the layout's process count is not the world size.
     """
     mesh = config.parallel.mesh_parameters()
+    # Each CP rank trains on a head-tail share of every row: the rows must split (checked
+    # before the process groups are built, on every rank alike).
+    check_context_parallel_seq_len(
+        config.data.seq_len,
+        mesh.context_parallel_shard * mesh.context_parallel_replicate,
+        "data.seq_len",
+    )
     if dist.is_initialized():
         world = dist.get_world_size()
     else:
@@ -246,8 +257,10 @@ class Trainer:
             )
             for optimizer in self.optimizers
         ]
+        # Under context parallelism each rank's rows hold its share of the tokens.
+        local_seq = config.data.seq_len // self.ctx.cp_size
         example = {
-            key: torch.zeros(local_batch, config.data.seq_len, dtype=torch.int64)
+            key: torch.zeros(local_batch, local_seq, dtype=torch.int64)
             for key in ("input_ids", "labels", "position_ids")
         }
         # One step object for every layout: a pipeline schedule or the single stage.
@@ -387,7 +400,9 @@ class Trainer:
 
     def _prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # One way from a loader's batch to the step object's, for training and evaluation.
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+        # The ranks of a CP group read the same rows; each keeps its share of the tokens.
+        return shard_batch_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
 
     def train_step(self) -> StepMetrics:
         """Runs one optimizer step; returns its metrics."""

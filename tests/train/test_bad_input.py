@@ -27,6 +27,11 @@ def errors(tmp_path_factory) -> dict:
         ("missing_file", r"token file .*nope\.bin does not exist"),
         ("microbatches", r"batch of 8 rows does not split into 3 microbatches"),
         ("layout", r"describes 2 processes .* but 1 were started"),
+        # Checked before the layout's process count (no process group is built).
+        (
+            "context_parallel_seq",
+            r"data\.seq_len 30 is not divisible by 2 x context-parallel degree = 4",
+        ),
         ("other_model", r"step-0 holds an incompatible model: .*hidden_size: checkpoint 32, "),
         (
             "corrupted",

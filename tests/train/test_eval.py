@@ -15,19 +15,11 @@ from d9d.train.__main__ import main
 from d9d.train.config import load_train_config
 from tests.helpers import run_spawned
 from tests.train._eval_scenarios import EVAL_STEPS
-from tests.train._loop_scenarios import LAYOUTS, STEPS, write_corpus, write_hf_init
+from tests.train._loop_scenarios import LAYOUTS, STEPS, world_size, write_corpus, write_hf_init
 
 # fp32; layouts differ in summation order only (over ranks, microbatches and the AdamW
 # steps before each evaluation), as in test_loop_layouts.
 RTOL = 1e-5
-
-
-def _world(layout: dict) -> int:
-    return (
-        layout.get("parallel.pipeline_parallel", 1)
-        * layout.get("parallel.data_parallel_shard", 1)
-        * layout.get("parallel.tensor_parallel", 1)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def runs(files) -> dict:
     corpus, init = files
     by_world: dict[int, list[str]] = {}
     for name, layout in LAYOUTS.items():
-        by_world.setdefault(_world(layout), []).append(name)
+        by_world.setdefault(world_size(layout), []).append(name)
     results = {}
     for world, names in sorted(by_world.items()):
         per_rank = run_spawned(
