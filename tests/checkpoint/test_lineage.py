@@ -147,3 +147,14 @@ def test_move_aside_keeps_everything(tmp_path):
     assert target.parent == tmp_path and target.name.startswith("replaced-")
     assert (target / "step-4" / "x").read_text() == "kept"
     assert move_aside(tmp_path, []) != target
+
+
+def test_an_unreadable_lineage_file_is_named(tmp_path):
+    from d9d.checkpoint.lineage import read_lineage, write_lineage
+
+    assert read_lineage(tmp_path) is None
+    write_lineage(tmp_path, Lineage("r1"))
+    assert read_lineage(tmp_path) == Lineage("r1")
+    (tmp_path / "lineage.json").write_text('{"run": ')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'lineage.json'} is unreadable .*delete it"):
+        read_lineage(tmp_path)

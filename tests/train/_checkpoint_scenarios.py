@@ -128,7 +128,10 @@ def _old_run(base: dict) -> dict:
     _run({**new, "checkpoint.overwrite": True}, log)
     (replaced,) = (out / "checkpoints").glob("replaced-*")
     (old_metrics,) = out.glob("metrics.replaced-*.jsonl")
+    missing = out / "checkpoints" / "step-99"
     return {
+        "missing": _refused({**old, "checkpoint.resume_from": str(missing)}),
+        "missing_path": str(missing),
         "refusal": refusal,
         "untouched": untouched,
         "folder": str(out / "checkpoints"),

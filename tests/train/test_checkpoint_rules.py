@@ -66,6 +66,7 @@ def test_a_fresh_run_never_deletes_an_old_runs_checkpoints(results):
     assert sorted(set(r["after"]) - set(replaced)) == ["lineage.json", "step-2", "step-4"]
     assert r["replaced"] == ["lineage.json", "step-4", "step-8"]
     assert r["metrics"] == [1, 2, 3, 4] and r["old_metrics"] == list(range(1, 9))
+    assert r["missing"] == f"checkpoint.resume_from: {r['missing_path']} does not exist"
 
 
 def test_a_rollback_starts_a_branch_that_a_restart_follows(results):
