@@ -7,7 +7,10 @@ stack once, in this order:
    give it the parameter dtype;
 2. float8 linears (``d9d.compile.apply_float8``);
 3. tensor parallelism (``apply_tensor_parallel_qwen3_dense``: DTensor plans on the ``tp``
-   mesh dim, when it is above 1);
+   mesh dim, when it is above 1), then context parallelism
+   (``apply_context_parallel_qwen3_dense``: each layer gathers K/V over the ``cp`` group,
+   when its degree is above 1; the batches are sharded by
+   ``shard_batch_for_context_parallel``);
 4. activation checkpointing around each ``Qwen3DenseLayer``
    (``d9d.compile.apply_checkpointing``);
 5. regional ``torch.compile`` of each layer (``d9d.compile.apply_compile``);
@@ -50,6 +53,9 @@ from d9d.module.model.qwen3_dense import (
 )
 from d9d.module.parallelism.init import init_stage_parameters
 from d9d.module.parallelism.model.qwen3_dense import apply_fsdp_qwen3_dense
+from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
+    apply_context_parallel_qwen3_dense,
+)
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
     check_checkpointing_for_tensor_parallel,
@@ -195,6 +201,11 @@ def build_stage_modules(
         ):
             logger.info("tensor parallelism (tp=%d)", dist_context.params.tensor_parallel)
             report.steps.append("tensor_parallel")
+        if dist_context is not None and apply_context_parallel_qwen3_dense(
+            dist_context, module, info
+        ):
+            logger.info("context parallelism (cp=%d)", dist_context.cp_size)
+            report.steps.append("context_parallel")
         apply_checkpointing(module, report)
         apply_compile(module, report)
         if dist_context is not None:

@@ -8,10 +8,12 @@
 # (qwen3-1.7b at 1 x 4096 tokens: eager, compile_sac, compile_sac_float8, JSON and a
 # Chrome trace), pure_bf16 (the pure-bf16 option), torchrun_1rank (the distributed path
 # on one rank), fp32_attention (fp32 GQA at 4096 tokens must not use SDPA's math
-# kernel; plus the harness in fp32), compile_modes (compile_sac under the torch.compile
-# modes default / max-autotune-no-cudagraphs / reduce-overhead, each with the compiled
-# AdamW step), tests (the fast tests of the GPU-facing code). The compile presets of
-# every step compile the AdamW step too (the summary names the optimizer per config).
+# kernel; plus the harness in fp32), context_parallel (two context-parallel ranks on the
+# one GPU over gloo: the FlexAttention path forward and backward, eager and compile_sac,
+# against one process), compile_modes (compile_sac under the torch.compile modes default
+# / max-autotune-no-cudagraphs / reduce-overhead, each with the compiled AdamW step),
+# tests (the fast tests of the GPU-facing code). The compile presets of every step
+# compile the AdamW step too (the summary names the optimizer per config).
 # Each step has a time limit; its log, JSON records and exit status go to OUT_DIR, and
 # `python -m d9d.profiling.smoke summarize OUT_DIR` prints one summary to paste into the
 # README and exits non-zero on any failure (this script exits with its status).
@@ -32,7 +34,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention compile_modes tests)
+ALL_STEPS=(env presets_tiny real_table pure_bf16 torchrun_1rank fp32_attention context_parallel
+    compile_modes tests)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 
@@ -88,6 +91,8 @@ step fp32_attention 150 fp32_attention.json bash -c "
     $PYTHON profiling/mfu.py --model qwen3-0.6b --num-layers 2 --batch-size 1 --seq-len 4096 \
         --steps 2 --warmup 1 --dtype float32 --no-mixed-precision --config eager \
         --json '$OUT/fp32_attention.json'"
+step context_parallel 300 - "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
+    -m d9d.profiling.smoke context-parallel --seq-len 1024
 # compile_sac under each torch.compile mode (presets written to OUT). The shape can be
 # changed with SMOKE_MODES_SHAPE (the CPU-side test runs it on the tiny model).
 MODES_SHAPE=${SMOKE_MODES_SHAPE:---model qwen3-0.6b --num-layers 4 --batch-size 1 --seq-len 2048}

@@ -11,10 +11,14 @@ launches there)::
     python profiling/mfu.py --model qwen3-1.7b --seq-len 4096 --batch-size 1 \
         --config eager compile compile_sac compile_sac_float8 --json out.json
 
-Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate/--tp`` every rank trains its
-part (tensor parallelism, then FSDP2 per layer inside pipeline stages) and the table is
-printed per device (tensor-parallel ranks share their tokens: FLOPs are divided by
-``--tp``).
+Under ``torchrun`` with ``--pp/--dp-shard/--dp-replicate/--tp/--cp/--cp-replicate``
+every rank trains its part (tensor and context parallelism, then FSDP2 per layer inside
+pipeline stages) and the table is printed per device (tensor-parallel ranks share their
+tokens: FLOPs are divided by ``--tp``; context-parallel ranks each hold ``1 / cp`` of
+every row)::
+
+    torchrun --standalone --nproc-per-node 2 profiling/mfu.py --cp 2 --seq-len 4096 \
+        --batch-size 1 --config eager
 
 Progress goes to stderr (one line per step), the table to stdout, one row as soon as its
 config finishes (``--json`` is rewritten after each config too). A config this machine
@@ -177,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--dp-replicate", type=_int_at_least(1), default=1, help="HSDP replicas")
     dist.add_argument("--tp", type=_int_at_least(1), default=1, help="tensor-parallel degree")
     dist.add_argument(
+        "--cp",
+        type=_int_at_least(1),
+        default=1,
+        help="context-parallel degree (weights sharded over dp-shard x cp)",
+    )
+    dist.add_argument(
+        "--cp-replicate",
+        type=_int_at_least(1),
+        default=1,
+        help="context-parallel degree whose ranks replicate the weights",
+    )
+    dist.add_argument(
         "--microbatches", type=_int_at_least(1), default=None, help="pipeline microbatches"
     )
     return parser
@@ -259,7 +275,7 @@ def _device(text: str | None) -> torch.device:
 
 
 def _is_distributed(args) -> bool:
-    degrees = (args.pp, args.dp_shard, args.dp_replicate, args.tp)
+    degrees = (args.pp, args.dp_shard, args.dp_replicate, args.tp, args.cp, args.cp_replicate)
     return "WORLD_SIZE" in os.environ or any(degree > 1 for degree in degrees)
 
 
@@ -325,6 +341,8 @@ def run(args, output: _Output | None = None) -> list[Record]:
             data_parallel_shard=args.dp_shard,
             data_parallel_replicate=args.dp_replicate,
             tensor_parallel=args.tp,
+            context_parallel_shard=args.cp,
+            context_parallel_replicate=args.cp_replicate,
         )
         records = iter_distributed(
             spec, configs, mesh, n_microbatches=args.microbatches, peak_tflops=args.peak_tflops

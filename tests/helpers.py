@@ -469,3 +469,49 @@ def scenario_result(per_rank: list[dict], name: str) -> list[dict]:
         if isinstance(result, dict) and "error" in result:
             raise AssertionError(f"scenario {name!r} raised on rank {rank}:\n{result['error']}")
     return results
+
+
+# ---------------------------------------------------------------------------------------
+# Reading back what the metric sinks wrote
+
+
+def read_wandb_offline_history(run_folder: str | os.PathLike) -> list[dict]:
+    """The ``log`` calls of an offline W&B run, as ``{key: value}`` dicts (with ``_step``).
+
+    An offline run's ``run-<id>.wandb`` file is a LevelDB-style log (a 7-byte W&B header,
+    then 32 KiB blocks of records with a 7-byte header each: crc, length, type) holding
+    ``wandb_internal_pb2.Record`` protobufs; the history records are what ``log`` sent.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_folder).glob("run-*.wandb")
+    data = path.read_bytes()
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first, else middle / last
+        if kind in (1, 4):
+            records.append(pending)
+    history = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            history.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+    return history

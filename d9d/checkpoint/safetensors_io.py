@@ -7,7 +7,9 @@ a model: names are the checkpoint's own, and the caller maps them to its paramet
 ``d9d.module.model.qwen3_dense.hf_io`` for Qwen3).
 
 Reads stream one tensor at a time and can take a row range of a tensor without reading
-the rest; writes hold one shard's worth of tensors at a time. Parameters that are FSDP2
+the rest; writes hold one shard's worth of tensors at a time, or, with
+:func:`write_safetensors_streaming` (whose header is planned from shapes and dtypes
+alone), one tensor at a time. Parameters that are FSDP2
 ``DTensor`` shards are filled from full tensors read on every rank
 (:func:`copy_full_into`) and gathered for export (:func:`gather_full`).
 
@@ -15,9 +17,11 @@ Needs the optional ``safetensors`` package (``pip install 'd9d[hf]'``).
 """
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -310,3 +314,88 @@ def save_safetensors_folder(
         with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return writer
+
+
+# The safetensors format: an 8-byte little-endian header length, a JSON header mapping
+# each name to its dtype, shape and [begin, end) byte range in the data that follows
+# (padded with spaces to a multiple of 8), then the tensors' raw little-endian bytes.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors_streaming(
+    path: str,
+    specs: Mapping[str, tuple[Sequence[int], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes a ``.safetensors`` file one tensor at a time.
+
+    The header is built from ``specs`` before any data is written, so the caller can
+    produce each tensor just before it is needed and drop it right after: peak memory
+    is one tensor, not the file. The file is written under a temporary name and renamed
+    when complete.
+
+    Args:
+        path: The file to write.
+        specs: Name -> (shape, dtype) of every tensor, in the order ``tensors`` yields them.
+        tensors: ``(name, tensor)`` pairs on the CPU, each matching its spec.
+        metadata: String metadata for the header (``{"format": "pt"}``).
+
+    Raises:
+        ValueError: If a tensor does not match its spec, or is missing or extra.
+    """
+    header: dict = {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp"
+    expected = iter(specs.items())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, tensor in tensors:
+                want_name, (shape, dtype) = next(expected, (None, (None, None)))
+                matches = tuple(tensor.shape) == tuple(shape or ()) and tensor.dtype == dtype
+                if name != want_name or not matches:
+                    raise ValueError(
+                        f"{path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected "
+                        f"{want_name} {None if shape is None else tuple(shape)} {dtype}"
+                    )
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                f.write(memoryview(data.numpy()))
+                del data, tensor
+            missing = [name for name, _ in expected]
+            if missing:
+                raise ValueError(f"{path}: tensors never produced: {missing[:5]}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -11,7 +11,8 @@ Policies:
     * ``full``: ``torch.utils.checkpoint`` over the layer; only its inputs are kept.
     * ``selective``: the same, with a ``create_selective_checkpoint_contexts`` policy
       that saves the outputs of chosen ops (matmuls, attention...) and recomputes the
-      rest; optionally only every other matmul is saved.
+      rest; optionally only every other matmul is saved. The context-parallel K/V
+      all-gather is always saved: recomputing it would run the collective again.
     * ``memory_budget``: no checkpoint call; the forward is annotated with
       ``torch.autograd.graph.region_activation_memory_budget`` so the compiler's min-cut
       partitioner picks what to recompute under the budget. Compile only.
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import (
 from d9d.compile.config import ActivationCheckpointingSection, resolve_op
 from d9d.core.log_filters import install_log_filter
 from d9d.module.model.qwen3_dense.layer import Qwen3DenseLayer
+from d9d.module.parallelism.context_parallel import KV_ALL_GATHER_OP
 
 _MM = torch.ops.aten.mm.default
 
@@ -82,6 +84,9 @@ class _SelectiveOpPolicy:
         self._num_matmuls = {False: 0, True: 0}
 
     def __call__(self, ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        if func == KV_ALL_GATHER_OP:
+            # A collective: repeating it in recompute would cost a second all-gather.
+            return CheckpointPolicy.MUST_SAVE
         if func == _MM and self._every_other:
             self._num_matmuls[ctx.is_recompute] += 1
             save = self._num_matmuls[ctx.is_recompute] % 2 == 1

@@ -12,8 +12,10 @@ cp_replicate, tp``. Two views of that one layout are built:
   ``dp_cp_shard = data_parallel_shard * context_parallel_shard`` — the dims dense weights
   are sharded/replicated over.
 * ``BATCH_DOMAIN``: ``("pp", "dp", "cp", "tp")`` where ``dp = data_parallel_replicate *
-  data_parallel_shard`` — ranks that read different samples, used for data loading and
-  for the global token counts of the loss.
+  data_parallel_shard`` — ranks that read different samples, used for data loading —
+  and ``cp = context_parallel_shard * context_parallel_replicate`` — ranks that hold
+  different tokens of the same rows; the global token counts of the loss reduce over
+  both (``dp_cp_group``).
 """
 
 import os
@@ -195,6 +197,15 @@ class DistributedContext:
             DENSE_DOMAIN: init_device_mesh(device.type, dense_shape, mesh_dim_names=DENSE_DIMS),
             BATCH_DOMAIN: init_device_mesh(device.type, batch_shape, mesh_dim_names=BATCH_DIMS),
         }
+        batch_mesh = self._meshes[BATCH_DOMAIN]
+        if batch_shape[1] > 1 and batch_shape[2] > 1:
+            # Built here, where every rank builds the context: creating a group is a
+            # collective over the whole world.
+            self._dp_cp_group = batch_mesh[("dp", "cp")]._flatten("dp_cp").get_group()
+        elif batch_shape[2] > 1:
+            self._dp_cp_group = batch_mesh.get_group("cp")
+        else:
+            self._dp_cp_group = batch_mesh.get_group("dp")
 
     def mesh_for(self, domain: str) -> DeviceMesh:
         """Returns the named mesh of ``domain`` (``DENSE_DOMAIN`` or ``BATCH_DOMAIN``).
@@ -248,8 +259,32 @@ class DistributedContext:
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        """The group of ranks that read different samples (for global token counts)."""
+        """The ranks that read different samples (the loss counts: :attr:`dp_cp_group`)."""
         return self.mesh_for(BATCH_DOMAIN).get_group("dp")
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index in its context-parallel group (which tokens of a row it holds)."""
+        return self.mesh_for(BATCH_DOMAIN).get_local_rank("cp")
+
+    @property
+    def cp_size(self) -> int:
+        """The context-parallel degree (``context_parallel_shard * context_parallel_replicate``)."""
+        return self.params.context_parallel_shard * self.params.context_parallel_replicate
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        """The ranks that hold different tokens of the same rows."""
+        return self.mesh_for(BATCH_DOMAIN).get_group("cp")
+
+    @property
+    def dp_cp_group(self) -> dist.ProcessGroup:
+        """Every rank that holds different tokens: data-parallel x context-parallel.
+
+        Global token counts and the logged loss reduce over it (``dp_group`` when there
+        is no context parallelism).
+        """
+        return self._dp_cp_group
 
     def local_pipeline_stages(self, num_stages_per_rank: int = 1) -> list[int]:
         """Global indices of the pipeline stages this rank runs.

@@ -4,7 +4,8 @@ One file each: ``tokenizers.py`` (byte level, HF ``tokenizer.json``), ``token_fi
 (memory-mapped ``.npy`` / ``.bin`` ids), ``text_files.py`` (text tokenized once into a
 cached token file; the standard-library corpus), ``corpus.py`` (documents of several
 token files), ``packing.py`` (documents into rows), ``packed_batches.py`` (packed,
-sharded, resumable global batches) and ``pooling.py`` (classification pooling masks).
+sharded, resumable global batches), ``heldout.py`` (the held-out split and its evaluation
+batches) and ``pooling.py`` (classification pooling masks).
 """
 
 from d9d.dataset.packing import (

@@ -55,6 +55,16 @@ class DocumentCorpus:
         split.doc_lengths = lengths[keep]
         return split
 
+    def subset(self, indices: np.ndarray) -> "DocumentCorpus":
+        """The corpus of the documents ``indices`` (in that order), over the same files."""
+        indices = np.asarray(indices, dtype=np.int64)
+        chosen = object.__new__(DocumentCorpus)
+        chosen.files = self.files
+        chosen._file_of = self._file_of[indices]
+        chosen._start = self._start[indices]
+        chosen.doc_lengths = self.doc_lengths[indices]
+        return chosen
+
     @property
     def num_tokens(self) -> int:
         """Tokens in all documents."""

@@ -45,25 +45,55 @@ def _text_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[
     return found
 
 
+def _decode(data: bytes, file: Path, start: int, line: int | None = None) -> str:
+    # Invalid UTF-8 is refused where it is, rather than silently replaced.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f" (line {line})" if line is not None else ""
+        raise ValueError(
+            f"{file}: invalid UTF-8 at byte offset {start + err.start}{where}; convert the "
+            "file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _documents_of(file: Path, text_key: str) -> Iterator[str]:
     if file.suffix == ".txt":
-        yield file.read_text(encoding="utf-8", errors="replace")
+        yield _decode(file.read_bytes(), file, 0)
     elif file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        offset = 0
+        with file.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                line = _decode(raw, file, start, number)
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if text_key not in record:
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise ValueError(f"{file}:{number}: not valid JSON ({err})") from None
+                if not isinstance(record, dict) or text_key not in record:
                     raise ValueError(f"{file}:{number}: no field {text_key!r}")
-                yield record[text_key]
+                text = record[text_key]
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{file}:{number}: field {text_key!r} holds a "
+                        f"{type(text).__name__} ({str(text)[:40]}), not a string"
+                    )
+                yield text
     elif file.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise ImportError("Parquet files need 'pyarrow': pip install pyarrow") from err
         table = pq.read_table(file, columns=[text_key])
-        yield from table.column(text_key).to_pylist()
+        for number, text in enumerate(table.column(text_key).to_pylist()):
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{file}: row {number} of column {text_key!r} holds a "
+                    f"{type(text).__name__}, not a string"
+                )
+            yield text
     else:
         raise ValueError(f"{file}: unsupported text file (expected {TEXT_SUFFIXES})")
 
@@ -104,6 +134,7 @@ def tokenize_to_cache(
     if path.is_file() and Path(f"{path}.json").is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(cache_dir, path.stem)
     started = last = time.monotonic()
     count = tokens = 0
 
@@ -125,13 +156,33 @@ def tokenize_to_cache(
     # One writer per cache file: with several processes, each writes its own temporary
     # file and the rename publishes a complete one.
     unique = path.with_name(f"{path.stem}.{os.getpid()}.bin")
-    write_token_file(
-        unique, encoded(), tokenizer.eos_id, tokenizer.vocab_size, tokenizer_name=tokenizer.name
-    )
+    try:
+        write_token_file(
+            unique, encoded(), tokenizer.eos_id, tokenizer.vocab_size, tokenizer_name=tokenizer.name
+        )
+    except BaseException:
+        # write_token_file removed its .tmp; its sidecar may be there already.
+        Path(f"{unique}.json").unlink(missing_ok=True)
+        raise
     os.replace(f"{unique}.json", f"{path}.json")
     os.replace(unique, path)
     progress(f"tokenized {count} documents, {tokens:,} tokens into {path}")
     return path
+
+
+def _remove_stale_partials(cache_dir: Path, stem: str) -> None:
+    # A tokenization killed mid-write (SIGKILL) leaves <stem>.<pid>.bin.tmp behind; remove
+    # those of processes that no longer exist.
+    for partial in cache_dir.glob(f"{stem}.*.bin*"):
+        pid = partial.name[len(stem) + 1 :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:
+            pass
 
 
 def tokenize_text_files(

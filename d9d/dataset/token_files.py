@@ -45,13 +45,18 @@ def write_token_file(
     tmp = path.with_name(path.name + ".tmp")
     num_tokens = num_documents = 0
     eos = np.array([eos_id], dtype=dtype)
-    with tmp.open("wb") as f:
-        for doc in documents:
-            array = np.asarray(doc, dtype=dtype)
-            f.write(array.tobytes())
-            f.write(eos.tobytes())
-            num_tokens += array.size + 1
-            num_documents += 1
+    try:
+        with tmp.open("wb") as f:
+            for doc in documents:
+                array = np.asarray(doc, dtype=dtype)
+                f.write(array.tobytes())
+                f.write(eos.tobytes())
+                num_tokens += array.size + 1
+                num_documents += 1
+    except BaseException:
+        # A failed tokenization (bad input, Ctrl-C) leaves no partial file behind.
+        tmp.unlink(missing_ok=True)
+        raise
     meta = {
         "dtype": np.dtype(dtype).name,
         "eos_id": eos_id,
@@ -82,6 +87,31 @@ class TokenFile:
     lengths: np.ndarray
 
 
+def token_files_in(paths: Iterable[str | Path]) -> list[Path]:
+    """The token files of ``paths``: files as given, folders searched recursively.
+
+    A folder contributes its ``.npy`` and ``.bin`` files (sorted; ``.json`` sidecars are
+    not token files).
+
+    Raises:
+        ValueError: If a path does not exist or a folder holds no token files.
+    """
+    found = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            inside = sorted(
+                p for p in entry.rglob("*") if p.suffix in TOKEN_SUFFIXES and p.is_file()
+            )
+            if not inside:
+                raise ValueError(f"token folder {entry} holds no {TOKEN_SUFFIXES} files")
+            found += inside
+        elif entry.exists():
+            found.append(entry)
+        else:
+            raise ValueError(f"token file {entry} does not exist")
+    return found
+
+
 def open_token_file(path: str | Path, eos_id: int | None, dtype: str | None = None) -> TokenFile:
     """Memory-maps a ``.npy`` or ``.bin`` token file and finds its documents.
 
@@ -108,6 +138,15 @@ def open_token_file(path: str | Path, eos_id: int | None, dtype: str | None = No
         name = meta.get("dtype", dtype)
         if name not in _DTYPES:
             raise ValueError(f"{path}: token dtype must be uint16 or uint32, got {name!r}")
+        itemsize = np.dtype(_DTYPES[name]).itemsize
+        size = path.stat().st_size
+        if size % itemsize:
+            raise ValueError(
+                f"{path}: {size} bytes is not a whole number of {name} tokens ({itemsize} "
+                "bytes each): a truncated file, or another data.token_dtype"
+            )
+        if size == 0:
+            raise ValueError(f"{path} is empty")
         tokens = np.memmap(path, dtype=_DTYPES[name], mode="r")
     else:
         raise ValueError(f"{path}: token files must end in {TOKEN_SUFFIXES}")

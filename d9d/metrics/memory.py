@@ -97,12 +97,24 @@ def _walk(nodes):
         yield from _walk(node.children)
 
 
-def _profiled_net_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int, object]:
+def _inside(node, scope_prefix: str) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if parent.name.startswith(scope_prefix):
+            return True
+        parent = parent.parent
+    return False
+
+
+def _profiled_net_bytes(
+    fn: Callable[[], object], device: torch.device, skip_scope: str | None = None
+) -> tuple[int, int, object]:
     """Runs ``fn`` under ``torch.profiler``; returns (peak, final) net allocation and its result.
 
     The allocation events of ``device`` are replayed in time order; a free of a block
     that was allocated before the profiler started is ignored (its size is unknown to
-    the profiler, and it was part of the resident set anyway).
+    the profiler, and it was part of the resident set anyway). Blocks allocated inside a
+    profiler scope whose name starts with ``skip_scope`` are left out altogether.
     """
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -116,6 +128,8 @@ def _profiled_net_bytes(fn: Callable[[], object], device: torch.device) -> tuple
         if kind != _EventType.Allocation:
             continue
         if fields.device.type != device.type:
+            continue
+        if skip_scope is not None and fields.alloc_size > 0 and _inside(node, skip_scope):
             continue
         events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
     events.sort(key=lambda event: event[0])
@@ -150,7 +164,10 @@ def retained_forward_bytes(forward: Callable[[], object], device: torch.device) 
 
     That is what the autograd graph keeps for backward (plus the small outputs), so it
     is what activation checkpointing trades against recompute. The output is dropped
-    afterwards without a backward.
+    afterwards without a backward. On the CPU, what FSDP2 allocates inside its own
+    scopes (``FSDP::all_gather`` and the copy into the unsharded parameters) is left
+    out: gathered weights, not activations (the norm-and-head unit keeps them until its
+    backward, which this forward never runs).
 
     Args:
         forward: Runs one forward with autograd on and returns its output.
@@ -163,7 +180,7 @@ def retained_forward_bytes(forward: Callable[[], object], device: torch.device) 
         torch.cuda.synchronize(device)
         retained = torch.cuda.memory_allocated(device) - before
     else:
-        _, retained, output = _profiled_net_bytes(forward, device)
+        _, retained, output = _profiled_net_bytes(forward, device, skip_scope="FSDP::")
     del output
     return max(0, retained)
 

@@ -193,7 +193,8 @@ class PipelineSchedule:
         self._contract.check(batch)
         ctx = self._dist_context
         target = batch[self._loss.target_key]
-        self._global_count = global_count(self._loss, target, ctx.device, ctx.dp_group)
+        # Every rank holding different tokens (data- and context-parallel) counts its own.
+        self._global_count = global_count(self._loss, target, ctx.device, ctx.dp_cp_group)
         side_inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         has_first = any(stage.is_first for stage in self._stages)
         args = (batch["input_ids"],) if has_first else ()
@@ -223,9 +224,9 @@ class PipelineSchedule:
         total = torch.zeros((), dtype=torch.float32, device=ctx.device)
         if self.has_last_stage:
             total += torch.stack(losses).sum().detach().float()
-        # The last stage's ranks hold the loss: sum it over the data-parallel ranks, then
-        # share it along the pipeline so that every rank reports the same number.
-        dist.all_reduce(total, group=ctx.dp_group)
+        # The last stage's ranks hold the loss: sum it over the data- and context-parallel
+        # ranks, then share it along the pipeline so that every rank reports the same number.
+        dist.all_reduce(total, group=ctx.dp_cp_group)
         if ctx.pp_size > 1:
             dist.all_reduce(total, group=ctx.pp_group)
         outputs = None

@@ -11,8 +11,9 @@ is written once:
 Both take the whole local batch (``input_ids``, the loss target and side inputs such as
 ``position_ids``), split it into ``n_microbatches``, sum the loss object's per-microbatch
 sums and divide by the loss object's count of valid items over the *global* batch (all
-microbatches and all data-parallel ranks). Data-parallel gradients are summed (not
-averaged), so the result is exactly the single-device gradient of the global mean.
+microbatches, all data-parallel ranks and, under context parallelism, every rank's share
+of the tokens). Data- and context-parallel gradients are summed (not averaged), so the
+result is exactly the single-device gradient of the global mean.
 ``step`` also runs the backward; ``eval`` runs the forward only, under ``torch.no_grad``.
 
 :func:`build_schedule` picks the right one for a ``d9d.stack.StageModules``-style set of
@@ -153,15 +154,16 @@ def global_count(
         loss: The loss object.
         target: This rank's whole target (all its microbatches).
         device: Where the count lives (the collective's device).
-        group: The ranks reading different samples (``None``: this process alone).
+        group: The ranks holding different tokens (``None``: this process alone).
     """
     count = loss.count(target).to(device, torch.float32)
     return _all_reduce(count, group).clamp_min(1.0)
 
 
 def _loss_group(dist_context: DistributedContext | None) -> dist.ProcessGroup | None:
-    # The ranks whose batches together make the global batch.
-    return dist_context.dp_group if dist_context is not None else None
+    # The ranks whose batches together make the global batch: data-parallel ranks read
+    # different rows, context-parallel ranks different tokens of them.
+    return dist_context.dp_cp_group if dist_context is not None else None
 
 
 def reshard_after_eval(modules: list[nn.Module]) -> None:

@@ -60,6 +60,7 @@ from d9d.metrics.memory import (
 from d9d.metrics.peak import PeakFlops, dtype_name
 from d9d.metrics.timers import DeviceClock, StepTimes
 from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.module.parallelism.context_parallel import shard_batch_for_context_parallel
 from d9d.pipelining.loss import CausalLMLoss
 from d9d.pipelining.step import build_schedule
 from d9d.profiling.report import ProfileRecord, Record, SkippedRecord
@@ -237,7 +238,7 @@ class HarnessTrainer:
         self.float8_gemms = float8_gemms(stack.reports[0])
         self.module = model
         # The activation-memory probe runs the whole backbone in one forward call.
-        self.measures_activations = dist_context is None
+        self.measures_activations = len(stack.modules) == 1 and stack.infos[0].num_stages == 1
         if dist_context is not None and dist_context.is_main_process:
             # What tensor parallelism and FSDP2 save: the parameters this rank stores.
             local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
@@ -250,10 +251,15 @@ class HarnessTrainer:
             model.parameters(), compile_config=precision.compile_config
         )
         self.optimizers = [optimizer]
-        # Each data-parallel rank reads its own samples; pipeline and TP peers the same.
+        # Each data-parallel rank reads its own samples; pipeline, TP and CP peers the
+        # same, and each CP rank keeps its head-tail share of every row.
         dp_rank = dist_context.dp_rank if dist_context is not None else 0
         input_ids, labels = synthetic_batch(dataclasses.replace(spec, seed=spec.seed + dp_rank))
         self.batch = {"input_ids": input_ids, "labels": labels}
+        if dist_context is not None:
+            self.batch = shard_batch_for_context_parallel(
+                self.batch, dist_context.cp_rank, dist_context.cp_size
+            )
         self.schedule = build_schedule(
             stack.dist_context,
             stack.modules,
@@ -273,7 +279,8 @@ class HarnessTrainer:
         The head is left out: what it keeps (the logits) does not depend on the
         activation-checkpoint policy that this number is there to compare.
         """
-        return self.module.model(input_ids=self.batch["input_ids"])
+        inputs = {k: v for k, v in self.batch.items() if k in ("input_ids", "position_ids")}
+        return self.module.model(**inputs)
 
     def optimizer_step(self) -> None:
         """AdamW step, then gradients to ``None`` (frees them between steps)."""

@@ -7,7 +7,8 @@ stage (FSDP2 reduces the gradients), with ``pp > 1`` a 1F1B schedule over
 
 Rates are **per device**: the global batch (``batch_size`` per data-parallel rank) is
 divided by the world size (tensor-parallel ranks work on the same tokens, so their
-FLOPs are divided by the TP degree), so tokens/s and MFU read the same way as on one device and
+FLOPs are divided by the TP degree; context-parallel ranks each train on ``1 / cp`` of
+every row's tokens), so tokens/s and MFU read the same way as on one device and
 are directly comparable with the single-device table. Rank 0 merges the ranks' records:
 the slowest rank's step time (the others wait for it), the largest peak memory, the
 largest graph-break and recompile counts, and the loss from the last stage.
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from d9d.compile import CompileConfig
 from d9d.core.dist_context import DeviceMeshParameters
 from d9d.metrics.peak import PeakFlops, resolve_peak_flops
+from d9d.module.parallelism.context_parallel import check_context_parallel_seq_len
 from d9d.profiling.benchmark import BenchmarkSpec, HarnessTrainer, iter_configs
 from d9d.profiling.report import ProfileRecord, Record
 
@@ -48,11 +50,13 @@ def _agreed_peak(peak: PeakFlops, device: torch.device) -> PeakFlops:
 def _merge(records: list[ProfileRecord]) -> ProfileRecord:
     slowest = max(records, key=lambda r: r.step_seconds_median)
     with_loss = [r for r in records if r.loss_first is not None]
+    activations = [r.activation_memory_bytes for r in records if r.activation_memory_bytes]
     return slowest.model_copy(
         update={
             "peak_memory_bytes": max(r.peak_memory_bytes for r in records),
             "resident_memory_bytes": max(r.resident_memory_bytes for r in records),
             "step_peak_memory_bytes": max(r.step_peak_memory_bytes for r in records),
+            "activation_memory_bytes": max(activations) if activations else None,
             "first_step_seconds": max(r.first_step_seconds for r in records),
             "graph_breaks": max(r.graph_breaks for r in records),
             "recompiles": max(r.recompiles for r in records),
@@ -91,9 +95,12 @@ def iter_distributed(
     """
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
-            "--pp/--dp-shard/--dp-replicate/--tp need torchrun: torchrun --nproc-per-node "
+            "--pp/--dp-shard/--dp-replicate/--tp/--cp need torchrun: torchrun --nproc-per-node "
             f"{mesh.world_size} profiling/mfu.py ..."
         )
+    # Before any communication: every rank cuts the same rows into 2 x cp chunks.
+    cp = mesh.context_parallel_shard * mesh.context_parallel_replicate
+    check_context_parallel_seq_len(spec.seq_len, cp, "--seq-len")
     if spec.device.type == "cpu" and not dist.is_initialized():
         # DeviceMeshParameters.build() would pick an accelerator if there is one.
         dist.init_process_group("gloo")

@@ -12,6 +12,12 @@ compiled row had graph breaks or recompiles.
 ``python -m d9d.profiling.smoke fp32-attention`` is one of the steps: fp32 grouped-query
 attention at 4096 tokens on CUDA must run a fused SDPA kernel, not the math kernel that
 materialises the ``B x H x S x S`` scores.
+
+``torchrun --nproc-per-node 2 -m d9d.profiling.smoke context-parallel`` is another: two
+context-parallel ranks on the one GPU (over gloo: NCCL refuses two ranks on one device)
+train a small packed batch through the FlexAttention path (the ``(local queries x all
+keys)`` block mask, the K/V all-gather and its reduce-scatter), eager and under
+``compile_sac``, and must give the logps and gradients of one process on the same GPU.
 """
 
 import argparse
@@ -249,8 +255,145 @@ def check_fp32_attention(seq_len: int = 4096, batch: int = 1, device: str = "cud
     return line
 
 
+CONTEXT_PARALLEL_REL_TOL = 1e-4
+"""fp32 (no TF32) on both sides: only the order of the sums differs (FlexAttention's
+blocks over a different key order); 1e-4 relative leaves room for the fused kernels."""
+
+
+def _context_parallel_batch(seq_len: int, vocab: int, device) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, seq_len + 1), generator=gen)
+    # Row 1 packs documents whose boundaries fall inside chunks and across the ranks.
+    lengths = [seq_len // 3, seq_len // 2]
+    row = [torch.arange(n) for n in (*lengths, seq_len - sum(lengths))]
+    positions = torch.stack([torch.arange(seq_len), torch.cat(row)])
+    labels = ids[:, 1:].clone()
+    labels[1, -7:] = -100
+    batch = {"input_ids": ids[:, :-1], "labels": labels, "position_ids": positions}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def check_context_parallel(
+    seq_len: int = 1024,
+    device: str = "cuda",
+    backend: str = "flex",
+    presets: tuple[str, ...] = ("eager", "compile_sac"),
+) -> list[str]:
+    """Two context-parallel ranks against one process, forward and backward.
+
+    Runs on every rank of a 2-rank ``torchrun`` (both ranks may share one device: the
+    group is gloo, which stages accelerator tensors through host memory). Each rank also
+    computes the one-process reference on the whole batch; the CP ranks' logps (at their
+    tokens) and summed gradients must match it.
+
+    Args:
+        seq_len: Tokens per row (a multiple of 4).
+        device: The device both ranks compute on.
+        backend: The attention backend (``flex`` on the GPU; ``sdpa`` to check the
+            check on the CPU, where FlexAttention has no backward).
+        presets: Compile presets to run, each against its own one-process reference.
+
+    Returns:
+        One line per preset (rank 0 prints them).
+
+    Raises:
+        RuntimeError: If a result differs from the reference, or not 2 ranks.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from d9d.compile import apply_compile_config, load_compile_config
+    from d9d.module.model.qwen3_dense import (
+        Qwen3DenseForCausalLM,
+        Qwen3DenseForCausalLMParameters,
+        Qwen3DenseLayerParameters,
+        Qwen3DenseParameters,
+    )
+    from d9d.module.parallelism.context_parallel import (
+        ContextParallelGroup,
+        head_tail_indices,
+        shard_batch_for_context_parallel,
+    )
+    from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
+        enable_context_parallel,
+    )
+    from d9d.pipelining.api import PipelineStageInfo
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != 2:
+        raise RuntimeError(f"the context-parallel check runs on 2 ranks, got {world}")
+    target = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    vocab = 512
+    params = Qwen3DenseForCausalLMParameters(
+        model=Qwen3DenseParameters(
+            layer=Qwen3DenseLayerParameters(
+                hidden_size=256,
+                intermediate_size=512,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rms_norm_eps=1e-6,
+                head_dim=64,
+            ),
+            num_hidden_layers=2,
+            rope_base=10000,
+            max_position_ids=seq_len,
+            split_vocab_size={"text": vocab},
+            split_vocab_order=["text"],
+        )
+    )
+    batch = _context_parallel_batch(seq_len, vocab, target)
+    count = (batch["labels"] != -100).sum()
+    tokens = head_tail_indices(seq_len, world, rank, target)
+    local = shard_batch_for_context_parallel(batch, rank, world)
+    lines = []
+    for preset in presets:
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+            model.to(target).reset_parameters()
+            apply_compile_config(model, load_compile_config(preset))
+            model.set_attention_backend(backend)
+            models.append(model)
+        reference, sharded = models
+        enable_context_parallel(sharded, ContextParallelGroup(dist.group.WORLD, rank, world))
+        ref_logps = reference(**batch)["logps"]
+        (ref_logps.sum() / count).backward()
+        logps = sharded(**local)["logps"]
+        (logps.sum() / count).backward()
+        worst_grad = 0.0
+        for (name, param), ref_param in zip(
+            sharded.named_parameters(), reference.parameters(), strict=True
+        ):
+            grad = param.grad.detach().cpu()
+            dist.all_reduce(grad)  # every CP rank's share of the gradient
+            ref_grad = ref_param.grad.detach().cpu()
+            err = ((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item()
+            worst_grad = max(worst_grad, err)
+            if err > CONTEXT_PARALLEL_REL_TOL:
+                raise RuntimeError(f"{preset}: gradient of {name} off by {err:.2e} (relative)")
+        expected = ref_logps.detach()[:, tokens]
+        logps_err = ((logps.detach() - expected).norm() / expected.norm()).reshape(1).cpu()
+        dist.all_reduce(logps_err, op=dist.ReduceOp.MAX)  # every rank decides alike
+        logps_err = logps_err.item()
+        if logps_err > CONTEXT_PARALLEL_REL_TOL:
+            raise RuntimeError(f"{preset}: logps off by {logps_err:.2e} (relative)")
+        lines.append(
+            f"context parallel x{world} ({backend}, {preset}) on {device}, 2 x {seq_len} "
+            f"packed tokens: logps rel err {logps_err:.1e}, worst gradient rel err "
+            f"{worst_grad:.1e} against one process"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line (``summarize <out>`` or ``fp32-attention``)."""
+    """Runs the command line (``summarize <out>``, ``fp32-attention``, ``context-parallel``)."""
     parser = argparse.ArgumentParser(prog="python -m d9d.profiling.smoke")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summarize", help="print the summary of a smoke run")
@@ -258,7 +401,28 @@ def main(argv: list[str] | None = None) -> int:
     attention = commands.add_parser("fp32-attention", help="fp32 GQA attention on CUDA")
     attention.add_argument("--seq-len", type=int, default=4096)
     attention.add_argument("--device", default="cuda")
+    cp = commands.add_parser(
+        "context-parallel", help="two CP ranks on one device vs one process (under torchrun)"
+    )
+    cp.add_argument("--seq-len", type=int, default=1024)
+    cp.add_argument("--device", default="cuda")
+    cp.add_argument("--backend", default="flex", choices=["flex", "sdpa"])
+    cp.add_argument("--presets", nargs="+", default=["eager", "compile_sac"])
     args = parser.parse_args(argv)
+    if args.command == "context-parallel":
+        try:
+            lines = check_context_parallel(
+                args.seq_len, args.device, args.backend, tuple(args.presets)
+            )
+        except RuntimeError as err:
+            print(f"smoke: error: {err}", file=sys.stderr)
+            return 1
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            print("\n".join(lines))
+        dist.destroy_process_group()
+        return 0
     if args.command == "summarize":
         try:
             text, ok = summarize(read_steps(args.out_dir))

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key (dotted, e.g. parallel.pipeline_parallel=2); repeatable",
     )
     parser.add_argument(
-        "--plot", action="store_true", help="write loss/LR/grad-norm curves to a PNG at the end"
+        "--plot",
+        action="store_true",
+        help="at the end, draw loss, held-out loss, LR and tokens/s into OUTPUT_DIR/curves.png",
     )
     return parser
 
@@ -57,17 +59,34 @@ def main(argv: list[str] | None = None) -> int:
         # Fail before training, not after it.
         from d9d.train.plot import require_matplotlib
 
-        require_matplotlib()
+        if not config.metrics.jsonl:
+            print("error: --plot reads metrics.jsonl: set metrics.jsonl=true", file=sys.stderr)
+            return 2
+        try:
+            require_matplotlib()
+        except ImportError as err:
+            print(f"error: --plot: {err}", file=sys.stderr)
+            return 2
+    from d9d.checkpoint.training import CheckpointError
     from d9d.train.loop import Trainer
+    from d9d.train.stop import RunStopped
 
     try:
         trainer = Trainer(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.run()
+    try:
+        trainer.run()
+    except RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     if config.checkpoint.export_hf:
-        trainer.export_hf()
+        try:
+            trainer.export_hf()
+        except (CheckpointError, ValueError) as err:
+            print(f"error: HF export: {err}", file=sys.stderr)
+            return 2
     if args.plot and trainer.is_main:
         from d9d.train.plot import plot_metrics
 

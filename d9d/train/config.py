@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from d9d.core.config_errors import read_toml, validation_problems
 from d9d.core.dist_context import DeviceMeshParameters
@@ -158,6 +165,15 @@ class OptimizerSection(_Section):
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # AdamW's own check would only fire at the first step, without the key.
+        for beta in betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
 
 class LrSection(_Section):
     """``[lr]``: the learning-rate schedule (see ``d9d.train.lr``).
@@ -185,6 +201,10 @@ class ParallelSection(_Section):
         data_parallel_replicate: HSDP replicas.
         tensor_parallel: Tensor-parallel ranks (sequence parallel between blocks; they
             read the same data).
+        context_parallel: Context-parallel ranks that also shard the weights (FSDP over
+            ``data_parallel_shard x context_parallel``): they read the same rows and each
+            trains on a head-tail share of every row's tokens.
+        context_parallel_replicate: Context-parallel ranks that replicate the weights.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
         stages_per_rank: Pipeline stages per rank (more than 1 needs interleaved 1F1B).
         n_microbatches: Microbatches per step (``None``: the number of pipeline stages;
@@ -195,6 +215,8 @@ class ParallelSection(_Section):
     data_parallel_shard: int = Field(default=1, ge=1)
     data_parallel_replicate: int = Field(default=1, ge=1)
     tensor_parallel: int = Field(default=1, ge=1)
+    context_parallel: int = Field(default=1, ge=1)
+    context_parallel_replicate: int = Field(default=1, ge=1)
     pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     stages_per_rank: int = Field(default=1, ge=1)
     n_microbatches: int | None = Field(default=None, ge=1)
@@ -206,6 +228,8 @@ class ParallelSection(_Section):
             data_parallel_shard=self.data_parallel_shard,
             data_parallel_replicate=self.data_parallel_replicate,
             tensor_parallel=self.tensor_parallel,
+            context_parallel_shard=self.context_parallel,
+            context_parallel_replicate=self.context_parallel_replicate,
         )
 
     @property
@@ -233,14 +257,31 @@ class CheckpointSection(_Section):
     Attributes:
         folder: Where checkpoints go (``None``: ``<output_dir>/checkpoints``).
         interval: Save every this many steps (0: only at the end).
-        keep_last: Keep this many complete checkpoints (older ones are deleted).
+        keep_last: Keep this many complete checkpoints of the live branch (older ones of
+            that branch are deleted, except the newest one whose step had a finite
+            gradient norm).
         save_final: Save after the last step.
-        resume: Resume from the latest complete checkpoint in ``folder`` if there is one.
-        resume_from: Resume from this checkpoint folder instead of the latest.
+        resume: Resume from the newest complete checkpoint of the branch that ran last,
+            if there is one. ``false`` with checkpoints in ``folder`` is refused (unless
+            ``overwrite``).
+        resume_from: Resume from this checkpoint folder instead; an older checkpoint than
+            its branch's newest starts a new branch (the newer ones stay untouched).
+        overwrite: With ``resume = false``: move the folder's checkpoints aside (into
+            ``<folder>/replaced-<time>/``) instead of refusing to start.
+        allow_changes: On resume, apply changed ``steps``, ``optimizer.*``, ``lr.*`` and
+            ``clip.*`` settings (the LR schedule is rebuilt for them from the resumed
+            step) instead of refusing to resume.
+        async_save: Stage checkpoints in CPU memory and write them in the background
+            while training goes on (DCP ``async_save``; one extra copy of the rank's
+            model and optimizer state in host memory while a save is in flight).
         export_hf: At the end, write an HF folder to ``<output_dir>/hf`` (needs the
             ``safetensors`` package, checked before the first step).
         kill_after_save: Testing aid: SIGKILL this process right after the checkpoint of
             this step is complete (simulates a crash).
+        kill_during_save: Testing aid: send ``kill_signal`` to this process while the
+            checkpoint of this step is being written (its files written, its manifest
+            not yet; with ``async_save`` once the next step has run).
+        kill_signal: Testing aid: the signal ``kill_during_save`` sends.
     """
 
     folder: str | None = None
@@ -249,8 +290,80 @@ class CheckpointSection(_Section):
     save_final: bool = True
     resume: bool = True
     resume_from: str | None = None
+    overwrite: bool = False
+    allow_changes: bool = False
+    async_save: bool = False
     export_hf: bool = True
     kill_after_save: int | None = Field(default=None, ge=1)
+    kill_during_save: int | None = Field(default=None, ge=1)
+    kill_signal: Literal["SIGKILL", "SIGTERM"] = "SIGKILL"
+
+
+class EvalSection(_Section):
+    """``[eval]``: the held-out loss (see ``d9d.train.validation``).
+
+    Evaluation is on when ``enabled`` is true, or unset with ``fraction`` or ``paths``
+    given; it then runs every ``interval`` steps and always after the last step.
+
+    Attributes:
+        enabled: ``None``: on exactly when ``fraction`` or ``paths`` is set. ``False``
+            with ``fraction`` set keeps the held-out documents out of training and runs
+            no evaluation, so switching evaluation off leaves the training data as is.
+        fraction: Share of the corpus's documents held out (a seeded split of the
+            document indices, the same under every layout; no document on both sides).
+        paths: Held-out files instead, read like ``[data]`` (token files for
+            ``source = "tokens"``, text files otherwise, with the same tokenizer).
+        interval: Evaluate every this many steps (0: only after the last step).
+        max_batches: Global batches per evaluation (``None``: the whole held-out set).
+    """
+
+    enabled: bool | None = None
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+    paths: tuple[str, ...] = ()
+    interval: int = Field(default=0, ge=0)
+    max_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalSection":
+        if self.fraction is not None and self.paths:
+            raise ValueError("set 'fraction' or 'paths', not both")
+        if self.enabled and self.fraction is None and not self.paths:
+            raise ValueError("enabled = true needs 'fraction' or 'paths' (the held-out data)")
+        settings = sorted(self.model_fields_set & {"interval", "max_batches"})
+        if self.enabled is None and self.fraction is None and not self.paths and settings:
+            # Likely meant to evaluate: say so instead of silently not evaluating.
+            raise ValueError(
+                f"{' and '.join(map(repr, settings))} set, but no 'fraction' or 'paths' "
+                "(the held-out data)"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether evaluations run."""
+        if self.enabled is not None:
+            return self.enabled
+        return self.fraction is not None or bool(self.paths)
+
+
+class MetricsSection(_Section):
+    """``[metrics]``: where step and eval metrics go (see ``d9d.train.metric_sinks``).
+
+    Rank 0 writes every sink.
+
+    Attributes:
+        jsonl: ``<output_dir>/metrics.jsonl``, one JSON line per logged step and per
+            evaluation (``--plot`` reads it).
+        tensorboard: TensorBoard event files under ``<output_dir>/tensorboard`` (needs
+            the ``tensorboard`` package: ``pip install 'd9d[tensorboard]'``).
+        wandb: A Weights & Biases run under ``<output_dir>/wandb``, offline unless the
+            ``WANDB_MODE`` environment variable says otherwise (``pip install
+            'd9d[wandb]'``).
+    """
+
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
 
 
 class TrainConfig(_Section):
@@ -280,6 +393,8 @@ class TrainConfig(_Section):
         parallel: See :class:`ParallelSection`.
         clip: See :class:`ClipSection`.
         checkpoint: See :class:`CheckpointSection`.
+        eval: See :class:`EvalSection`.
+        metrics: See :class:`MetricsSection`.
     """
 
     steps: int = Field(default=300, ge=1)
@@ -298,6 +413,8 @@ class TrainConfig(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     clip: ClipSection = Field(default_factory=ClipSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @property
     def checkpoint_folder(self) -> Path:

@@ -5,9 +5,10 @@ single device would compute over *every* parameter of the model, so:
 
 1. each local gradient contributes the ``p``-th power of the norm of its local shard
    (computed in fp32 whatever the gradient dtype);
-2. for FSDP/HSDP ``DTensor`` gradients, those sums are all-reduced over the mesh dims
-   the gradient is *sharded* on (replicated dims hold copies and must not be counted
-   twice);
+2. for ``DTensor`` gradients (FSDP2/HSDP, tensor parallelism, both), those sums are
+   all-reduced over every mesh dim whose placement is not ``Replicate`` (see
+   :func:`reduction_dims`): replicated dims hold copies and must not be counted twice,
+   any other placement holds a different piece of the gradient on each rank;
 3. the sums of this rank's stages are all-reduced over the pipeline group.
 
 The infinity norm uses the maximum instead of sums. Gradients are then scaled by
@@ -20,11 +21,33 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _reduce(value: torch.Tensor, group: dist.ProcessGroup, inf: bool) -> None:
     dist.all_reduce(value, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+
+
+def reduction_dims(grad: DTensor) -> tuple[int, ...]:
+    """The mesh dims over which the ranks hold different pieces of ``grad``.
+
+    Every placement but ``Replicate`` counts: ``Shard``, but also the strided shards FSDP2
+    gives tensor-parallel parameters (on torch 2.13 ``_StridedShard`` is not a ``Shard``
+    subclass, so an ``isinstance`` test would drop the data-parallel sum of exactly those
+    gradients) and any placement a later torch adds. Partial placements are reduced by
+    the caller before this is asked.
+    """
+    return tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
+
+
+def _without_partial(grad: DTensor) -> DTensor:
+    # A partial gradient's true value is the sum over its dim: the norm of the sum is not
+    # a function of the local norms, so reduce it first (FSDP2 and the TP plans leave no
+    # gradient partial; this keeps the norm right for modules that do).
+    if not any(p.is_partial() for p in grad.placements):
+        return grad
+    placements = [Replicate() if p.is_partial() else p for p in grad.placements]
+    return grad.redistribute(grad.device_mesh, placements)
 
 
 def _local_power(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
@@ -67,7 +90,8 @@ def total_grad_norm(
     groups: dict[tuple, list[torch.Tensor]] = {}
     for grad in grads:
         if isinstance(grad, DTensor):
-            dims = tuple(i for i, p in enumerate(grad.placements) if isinstance(p, Shard))
+            grad = _without_partial(grad)
+            dims = reduction_dims(grad)
             groups.setdefault((id(grad.device_mesh), dims), []).append(grad)
         else:
             groups.setdefault((None, ()), []).append(grad)

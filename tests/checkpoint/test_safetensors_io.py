@@ -25,6 +25,7 @@ from d9d.checkpoint.safetensors_io import (
     read_tensors,
     save_safetensors_folder,
     shard_file_names,
+    write_safetensors_streaming,
 )
 
 
@@ -178,3 +179,30 @@ def test_copy_full_into_casts_to_the_target_dtype_in_place():
     assert target.dtype == torch.bfloat16 and target.data_ptr() == storage
     torch.testing.assert_close(target, value.bfloat16(), rtol=0, atol=0)
     assert gather_full(value) is value  # plain tensors pass through
+
+
+def test_streaming_writer_matches_safetensors_and_checks_specs(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5),
+        "a.bias": torch.randn(7).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
+    specs = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    path = tmp_path / "model.safetensors"
+    write_safetensors_streaming(str(path), specs, iter(tensors.items()), {"format": "pt"})
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors)
+        for key, value in tensors.items():
+            assert torch.equal(f.get_tensor(key), value), key
+    assert not (tmp_path / "model.safetensors.tmp").exists()
+    wrong = dict(tensors, **{"b.weight": torch.randn(5, 3)})
+    with pytest.raises(ValueError, match=r"got b\.weight \(5, 3\).*expected b\.weight \(3, 5\)"):
+        write_safetensors_streaming(str(tmp_path / "bad.safetensors"), specs, iter(wrong.items()))
+    with pytest.raises(ValueError, match="never produced"):
+        write_safetensors_streaming(
+            str(tmp_path / "short.safetensors"), specs, iter(list(tensors.items())[:2])
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

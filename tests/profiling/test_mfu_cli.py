@@ -245,6 +245,50 @@ def test_torchrun_pipeline_and_fsdp_rates_are_per_device(tmp_path):
     assert proc.stderr.count("[eager] step ") == 3
 
 
+def test_torchrun_context_parallel_rates_are_per_device(tmp_path):
+    out = tmp_path / "records.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            str(SCRIPT),
+            "--model=tiny",
+            "--config=eager",
+            "--cp=2",
+            "--batch-size=2",
+            f"--seq-len={SEQ}",
+            "--steps=2",
+            "--warmup=1",
+            "--device=cpu",
+            "--dtype=float32",
+            f"--json={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert (rec["world_size"], rec["batch_size"], rec["seq_len"]) == (2, 2, SEQ)
+    # Both CP ranks read the same 2 rows and each trains on half of every row's tokens.
+    assert rec["tokens_per_second"] == pytest.approx(2 * SEQ / 2 / rec["step_seconds_median"])
+    # The loss of the whole rows (each rank's share of the global mean, summed).
+    assert rec["loss_first"] == pytest.approx(math.log(512), abs=1.0)
+    assert rec["activation_memory_bytes"] > 0
+    assert proc.stdout.count("| eager ") == 1
+
+
+def test_context_parallel_sequence_that_does_not_split_is_an_error(capsys, monkeypatch):
+    # Refused before any process group exists (every rank alike).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert mfu.main(["--model", "tiny", "--cp", "2", "--seq-len", "30", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seq-len 30 is not divisible by 2 x context-parallel degree = 4" in err
+
+
 def test_parallel_flags_without_torchrun_are_an_error(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert mfu.main(["--model", "tiny", "--pp", "2"]) == 2

@@ -167,6 +167,43 @@ def test_fp32_attention_check_runs_a_fused_kernel_on_the_cpu():
     assert "_scaled_dot_product_flash_attention_for_cpu" in line
 
 
+def test_context_parallel_check_runs_on_the_cpu():
+    # The smoke run's context_parallel step launches this on the GPU (FlexAttention);
+    # here the same command on the CPU with SDPA (FlexAttention has no CPU backward)
+    # proves the check itself: two torchrun ranks against one process.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "d9d.profiling.smoke",
+            "context-parallel",
+            "--device",
+            "cpu",
+            "--backend",
+            "sdpa",
+            "--seq-len",
+            "64",
+            "--presets",
+            "eager",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("context parallel")]
+    assert "context parallel x2 (sdpa, eager) on cpu, 2 x 64 packed tokens" in line
+    script = (REPO / "profiling" / "gpu_smoke.sh").read_text()
+    assert "context_parallel" in script.split("ALL_STEPS=(")[1].split(")")[0]
+    assert "-m d9d.profiling.smoke context-parallel --seq-len 1024" in script
+
+
 def test_the_script_records_a_failing_step_and_exits_non_zero(tmp_path):
     # On this machine the env step fails (no CUDA): the manifest, the log and the exit
     # status still come out as they would on the GPU.

@@ -9,6 +9,7 @@ under test runs the same step on its shards and stages and clips with
 import copy
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -22,7 +23,8 @@ from d9d.train.grad_norm import clip_grad_norm_
 from tests.helpers import DIST_MODEL_KW, guarded, small_causal_lm_params
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 8, 96
-PARAMS = DIST_MODEL_KW
+# Two key/value heads, so that tensor_parallel=2 splits them.
+PARAMS = dict(DIST_MODEL_KW, num_key_value_heads=2)
 INF = float("inf")
 MAX_NORM = 0.05  # far below the norm, so clipping really scales every gradient
 
@@ -31,6 +33,8 @@ LAYOUTS = {
     "pp=2 x dp_shard=2": dict(pipeline_parallel=2, data_parallel_shard=2),
     "dp_replicate=2 x dp_shard=2": dict(data_parallel_replicate=2, data_parallel_shard=2),
     "pp=4": dict(pipeline_parallel=4),
+    # FSDP2 shards the TP-split q/k/v/gate/up weights with strided shards on the dp dim.
+    "dp_shard=2 x tp=2": dict(data_parallel_shard=2, tensor_parallel=2),
 }
 
 
@@ -89,6 +93,32 @@ def _layout(mesh: dict, norm_type: float) -> dict:
     }
 
 
+def _partial_and_strided() -> dict:
+    """Hand-made DTensor gradients: a partial one, a strided shard over a 2-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    rank = dist.get_rank()
+    full = torch.arange(16.0).reshape(8, 2) - 5.0  # the gradient a single device holds
+    flat = init_device_mesh("cpu", (4,))
+    # Each rank holds a quarter of the sum (rank-dependent pieces that add up to it).
+    piece = full * (rank + 1) / 10.0
+    partial = torch.nn.Parameter(DTensor.from_local(piece, flat, [Partial()]).full_tensor())
+    partial.grad = DTensor.from_local(piece, flat, [Partial()])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    strided = torch.distributed.tensor.distribute_tensor(
+        full, mesh, [_StridedShard(0, split_factor=2), Shard(0)]
+    )
+    param = torch.nn.Parameter(strided.detach().clone())
+    param.grad = strided
+    return {
+        "partial": clip_grad_norm_([partial], None).item(),
+        "strided": clip_grad_norm_([param], None).item(),
+        "expected": full.norm().item(),
+    }
+
+
 def four_rank_job(workdir: str) -> dict:
     torch.use_deterministic_algorithms(False)
     results = {}
@@ -96,4 +126,5 @@ def four_rank_job(workdir: str) -> dict:
         results[f"{name} L2"] = guarded(_layout, mesh, 2.0)
     # The max-norm reduces with MAX instead of sums: one layout with both kinds of ranks.
     results["pp=2 x dp_shard=2 Linf"] = guarded(_layout, LAYOUTS["pp=2 x dp_shard=2"], INF)
+    results["partial and strided"] = guarded(_partial_and_strided)
     return results

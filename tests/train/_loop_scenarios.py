@@ -18,7 +18,34 @@ LAYOUTS = {
     "pp=2 (1f1b)": {"parallel.pipeline_parallel": 2, "parallel.pipeline_schedule": "1f1b"},
     "pp=2 x dp_shard=2": {"parallel.pipeline_parallel": 2, "parallel.data_parallel_shard": 2},
     "tp=2": {"parallel.tensor_parallel": 2},
+    # dp x tp: FSDP2 shards the TP-split weights with strided shards (the norm must still
+    # sum them over the data-parallel ranks); 4 ranks each, the most this suite spawns.
+    "dp_shard=2 x tp=2": {"parallel.data_parallel_shard": 2, "parallel.tensor_parallel": 2},
+    "dp_replicate=2 x tp=2": {
+        "parallel.data_parallel_replicate": 2,
+        "parallel.tensor_parallel": 2,
+    },
+    # Each CP rank trains on a head-tail share of every packed row's tokens.
+    "cp=2": {"parallel.context_parallel": 2},
+    "pp=2 x cp=2": {"parallel.pipeline_parallel": 2, "parallel.context_parallel": 2},
 }
+
+_DEGREES = (
+    "parallel.pipeline_parallel",
+    "parallel.data_parallel_replicate",
+    "parallel.data_parallel_shard",
+    "parallel.tensor_parallel",
+    "parallel.context_parallel",
+    "parallel.context_parallel_replicate",
+)
+
+
+def world_size(layout: dict) -> int:
+    """The number of ranks a layout of ``LAYOUTS`` runs on."""
+    world = 1
+    for key in _DEGREES:
+        world *= layout.get(key, 1)
+    return world
 
 
 def write_corpus(folder: str | Path) -> Path:
@@ -138,6 +165,7 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     attempt("missing_file", **{"data.paths": [f"{workdir}/nope.bin"]})
     attempt("microbatches", **{"parallel.n_microbatches": 3})
     attempt("layout", **{"parallel.data_parallel_shard": 2})
+    attempt("context_parallel_seq", **{"parallel.context_parallel": 2, "data.seq_len": 30})
     # A checkpoint of another model in the run's folder.
     good = Trainer(load_train_config(None, base), log=lambda _m: None)
     good.save_checkpoint()
@@ -185,7 +213,12 @@ def _nonfinite_run(base: dict) -> dict:
 
     from d9d.train.loop import Trainer
 
-    items = {**base, "clip.max_consecutive_nonfinite": 2, "checkpoint.resume": False}
+    items = {
+        **base,
+        "output_dir": str(Path(base["output_dir"]).with_name("nonfinite")),
+        "clip.max_consecutive_nonfinite": 2,
+        "checkpoint.resume": False,
+    }
     trainer = Trainer(load_train_config(None, items), log=lambda _m: None)
     original = trainer.schedule.step
 

@@ -27,8 +27,18 @@ def errors(tmp_path_factory) -> dict:
         ("missing_file", r"token file .*nope\.bin does not exist"),
         ("microbatches", r"batch of 8 rows does not split into 3 microbatches"),
         ("layout", r"describes 2 processes .* but 1 were started"),
+        # Checked before the layout's process count (no process group is built).
+        (
+            "context_parallel_seq",
+            r"data\.seq_len 30 is not divisible by 2 x context-parallel degree = 4",
+        ),
         ("other_model", r"step-0 holds an incompatible model: .*hidden_size: checkpoint 32, "),
-        ("corrupted", r"checkpoint .*step-1 could not be read .*resume_from=.*step-0"),
+        (
+            "corrupted",
+            r"checkpoint .*step-1 failed verification: .*step-1/__0_0\.distcp has 0 bytes, the "
+            r"manifest records \d+; the newest verified checkpoint is .*step-0: set "
+            r"checkpoint\.resume_from=.*step-0",
+        ),
     ],
 )
 def test_refused_with_a_clear_message(errors, name, pattern):

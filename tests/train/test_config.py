@@ -67,3 +67,15 @@ def test_help_lists_every_key_with_its_default_and_the_outputs(capsys):
     assert "Optimizer steps." in text  # the key's description from its docstring
     for output in ("metrics.jsonl", "checkpoints/step-N/", "hf/", "token_cache/"):
         assert output in text
+
+
+def test_betas_out_of_range_name_the_key():
+    with pytest.raises(
+        ValueError, match=r"key 'optimizer\.betas': Value error, each beta must be in \[0, 1\)"
+    ):
+        load_train_config(None, ["optimizer.betas=[1.5, 0.9]"])
+
+
+def test_checkpoint_options_have_safe_defaults():
+    ck = load_train_config(None).checkpoint
+    assert ck.resume and not ck.overwrite and not ck.allow_changes and not ck.async_save

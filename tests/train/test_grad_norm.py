@@ -1,11 +1,14 @@
 """Clipping by the global norm equals a single-device clip_grad_norm_ under every layout."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
-from d9d.train.grad_norm import clip_grad_norm_, total_grad_norm
+from d9d.train.grad_norm import clip_grad_norm_, reduction_dims, total_grad_norm
 from tests.helpers import run_spawned, scenario_result
 from tests.train._grad_norm_scenarios import LAYOUTS
 
@@ -26,6 +29,12 @@ def test_layout_norm_equals_single_device(four_rank, name):
         assert result["is_dtensor"], "the layout must hold FSDP2 DTensor shards"
         assert result["norm"] == pytest.approx(result["ref_norm"], rel=NORM_RTOL)
         assert result["clipped_grad_diff"] <= 1e-7
+
+
+def test_partial_and_strided_gradients(four_rank):
+    for result in scenario_result(four_rank, "partial and strided"):
+        assert result["partial"] == pytest.approx(result["expected"], rel=NORM_RTOL)
+        assert result["strided"] == pytest.approx(result["expected"], rel=NORM_RTOL)
 
 
 def test_single_process_matches_torch():
@@ -51,3 +60,16 @@ def test_non_finite_norm_leaves_gradients_alone():
     norm = clip_grad_norm_([param], 0.1)
     assert math.isnan(norm.item())
     assert param.grad[0].item() == 1.0 and param.grad[2].item() == 2.0
+
+
+def test_reduction_dims_count_every_placement_but_replicate():
+    # FSDP2 over a TP-split weight: a strided shard on the dp dim, a shard on the tp dim.
+    strided = SimpleNamespace(placements=(_StridedShard(0, split_factor=2), Shard(0)))
+    assert not isinstance(strided.placements[0], Shard)  # why isinstance cannot decide
+    assert reduction_dims(strided) == (0, 1)
+    assert reduction_dims(SimpleNamespace(placements=(Replicate(), Shard(1)))) == (1,)
+    assert reduction_dims(SimpleNamespace(placements=(Shard(0), Replicate()))) == (0,)
+    assert reduction_dims(SimpleNamespace(placements=(Replicate(),))) == ()
+    # A partial gradient is reduced before its norm (see _without_partial); were one to
+    # reach this point, its dim holds different values on each rank.
+    assert reduction_dims(SimpleNamespace(placements=(Partial(),))) == (0,)

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.helpers import run_spawned
-from tests.train._loop_scenarios import LAYOUTS, STEPS, write_corpus, write_hf_init
+from tests.train._loop_scenarios import LAYOUTS, STEPS, world_size, write_corpus, write_hf_init
 
 # fp32 throughout: layouts differ only in summation order (reductions over ranks and
 # microbatches), which AdamW carries over 10 steps; 1e-5 relative bounds that.
@@ -18,12 +18,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     results: dict[str, dict] = {}
     by_world: dict[int, list[str]] = {}
     for name, layout in LAYOUTS.items():
-        world = (
-            layout.get("parallel.pipeline_parallel", 1)
-            * layout.get("parallel.data_parallel_shard", 1)
-            * layout.get("parallel.tensor_parallel", 1)
-        )
-        by_world.setdefault(world, []).append(name)
+        by_world.setdefault(world_size(layout), []).append(name)
     for world, names in by_world.items():
         per_rank = run_spawned(
             world,

@@ -1,6 +1,7 @@
 """Grouped-query self-attention with per-head q/k RMSNorm (Qwen3 style)."""
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from d9d.module.block.norm import RMSNorm
 from d9d.module.block.rope import apply_rotary_pos_emb
 from d9d.module.block.sdpa_kernels import grouped_query_sdpa
 
+KeyValueGather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Maps local ``(B, H_kv, S, D)`` K and V to those of every context-parallel rank."""
+
 
 class GroupedQueryAttention(nn.Module):
     """Causal grouped-query attention through ``scaled_dot_product_attention``.
@@ -20,6 +24,11 @@ class GroupedQueryAttention(nn.Module):
     the heads) before RoPE. Without ``attention_mask`` only the causal mask applies (right
     padding is then harmless); packed rows pass the document mask built once per stage
     forward by ``d9d.module.block.document_mask``.
+
+    Under context parallelism ``kv_gather`` is set (by
+    ``d9d.module.parallelism.model.qwen3_dense_context_parallel``): K and V, after the
+    k-norm and RoPE, are gathered from every rank of the context-parallel group, and the
+    local queries attend to all of them under the mask the model built for that layout.
 
     Args:
         hidden_size: Model width.
@@ -47,6 +56,7 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
+        self.kv_gather: KeyValueGather | None = None
 
     def forward(
         self,
@@ -60,8 +70,10 @@ class GroupedQueryAttention(nn.Module):
             hidden_states: ``(B, S, hidden)``.
             position_embeddings: RoPE ``(cos, sin)``, each ``(B, S, head_dim)``.
             attention_mask: ``None`` for plain causal attention; a boolean
-                ``(B, 1, S, S)`` mask (True = attend, causality included) for SDPA; or a
-                FlexAttention ``BlockMask``.
+                ``(B, 1, S, S_kv)`` mask (True = attend, causality included) or its
+                additive form (0 / -inf) for SDPA; or a FlexAttention ``BlockMask``.
+                ``S_kv`` is ``S`` except under context parallelism (all the gathered
+                keys), which always passes a mask.
         """
         batch, seq, _ = hidden_states.shape
         cos, sin = position_embeddings
@@ -71,6 +83,13 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rotary_pos_emb(q.transpose(1, 2), cos, sin)
         k = apply_rotary_pos_emb(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
+        if self.kv_gather is not None:
+            if attention_mask is None:
+                raise ValueError(
+                    "context-parallel attention needs the mask of its local queries over "
+                    "the gathered keys (the model's forward builds it)"
+                )
+            k, v = self.kv_gather(k, v)
         scale = self.head_dim**-0.5
         if attention_mask is None:
             out = grouped_query_sdpa(q, k, v, scale=scale)
@@ -113,12 +132,15 @@ def _flex_attention(
     enable_gqa: bool,
 ) -> torch.Tensor:
     seq = q.shape[-2]
-    # The document block mask covers the sequence padded to whole blocks (see
+    # The document block masks cover the queries and keys padded to whole blocks (see
     # d9d.module.block.document_mask.flex_document_block_mask); padded keys belong to no
     # real document, so real queries never see them.
-    pad = block_mask.seq_lengths[0] - seq
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q_pad = block_mask.seq_lengths[0] - seq
+    kv_pad = block_mask.seq_lengths[1] - k.shape[-2]
+    if q_pad:
+        q = F.pad(q, (0, 0, 0, q_pad))
+    if kv_pad:
+        k, v = (F.pad(t, (0, 0, 0, kv_pad)) for t in (k, v))
     if torch.compiler.is_compiling():
         # Inside a compiled layer the call is traced into the layer's graph.
         out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
@@ -126,4 +148,4 @@ def _flex_attention(
         out = _compiled_flex_attention()(
             q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
         )
-    return out[..., :seq, :] if pad else out
+    return out[..., :seq, :] if q_pad else out

@@ -1,5 +1,6 @@
 """Snapshots of intermediate hidden states, aggregated per sequence."""
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
@@ -40,10 +41,18 @@ class _NoAggregator:
 
 
 class _MeanAggregator:
-    def __init__(self, agg_mask: torch.Tensor):
+    def __init__(
+        self,
+        agg_mask: torch.Tensor,
+        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         mask = agg_mask.float()
+        # Under context parallelism each rank holds part of every row: the mean's count
+        # and sum are both over the whole row.
+        self._sum_over_ranks = sum_over_ranks or (lambda t: t)
+        count = self._sum_over_ranks(mask.sum(dim=1, keepdim=True))
         # (B, S, 1) weights that sum to one over the sequence of each row.
-        self._weights = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(-1)
+        self._weights = (mask / count.clamp_min(1.0)).unsqueeze(-1)
         self._collected: list[torch.Tensor] = []
 
     def add_hidden_states(self, hidden_states: torch.Tensor) -> None:
@@ -57,7 +66,7 @@ class _MeanAggregator:
                 f"hidden_states_agg_mask shape {tuple(self._weights.shape[:2])} does not match "
                 f"(batch, seq) = {tuple(hidden_states.shape[:2])}"
             )
-        pooled = (hidden_states.float() * self._weights).sum(dim=1)
+        pooled = self._sum_over_ranks((hidden_states.float() * self._weights).sum(dim=1))
         self._collected.append(pooled.to(hidden_states.dtype))
 
     def pack_with_snapshot(self, snapshot: torch.Tensor | None) -> torch.Tensor | None:
@@ -66,13 +75,18 @@ class _MeanAggregator:
 
 
 def create_hidden_states_aggregator(
-    mode: HiddenStatesAggregationMode, agg_mask: torch.Tensor | None
+    mode: HiddenStatesAggregationMode,
+    agg_mask: torch.Tensor | None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> HiddenStatesAggregator:
     """Builds the aggregator for ``mode``.
 
     Args:
         mode: The snapshot mode.
         agg_mask: ``(B, S)`` mask of tokens to average over; required for ``mean``.
+        sum_over_ranks: When the sequence is split over ranks (context parallelism), a
+            differentiable sum over them: the means are then over whole rows and equal
+            on every rank. ``None``: the rows are whole here.
 
     Raises:
         ValueError: If ``mode`` is ``mean`` and ``agg_mask`` is missing.
@@ -88,4 +102,4 @@ def create_hidden_states_aggregator(
         raise ValueError(
             f"hidden_states_agg_mask must be (batch, seq), got shape {tuple(agg_mask.shape)}"
         )
-    return _MeanAggregator(agg_mask)
+    return _MeanAggregator(agg_mask, sum_over_ranks)

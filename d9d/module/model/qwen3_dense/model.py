@@ -1,5 +1,7 @@
 """The Qwen3 Dense backbone and its causal-LM and classification wrappers."""
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
@@ -8,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from d9d.core.checks import value_checks_enabled
 from d9d.module.block.document_mask import (
     AttentionBackend,
+    additive_mask,
     build_document_mask,
     resolve_attention_backend,
 )
@@ -27,6 +30,9 @@ from d9d.module.model.qwen3_dense.params import (
     Qwen3DenseParameters,
 )
 from d9d.pipelining.api import PipelineStageInfo, distribute_layers_for_pipeline_stage
+
+if TYPE_CHECKING:
+    from d9d.module.parallelism.context_parallel import ContextParallelGroup
 
 
 class Qwen3DenseModel(nn.Module):
@@ -60,6 +66,9 @@ class Qwen3DenseModel(nn.Module):
         self.hidden_states_snapshot_mode = HiddenStatesAggregationMode(hidden_states_snapshot_mode)
         self.enable_checkpointing = enable_checkpointing
         self.attention_backend = AttentionBackend.auto
+        # Set by d9d.module.parallelism.model.qwen3_dense_context_parallel: this stage then
+        # holds a head-tail shard of every row and its layers gather K/V over the group.
+        self.context_parallel: ContextParallelGroup | None = None
         layer_params = params.layer
         start, end = distribute_layers_for_pipeline_stage(
             params.num_hidden_layers,
@@ -110,8 +119,14 @@ class Qwen3DenseModel(nn.Module):
             * 'hidden_states': The output of the last layer in this stage.
             * 'hidden_states_snapshot': (Optional) The updated snapshot tensor.
         """
+        cp = self.context_parallel
+        local = input_ids if self.stage.is_current_stage_first else hidden_states
+        if cp is not None and isinstance(local, torch.Tensor) and local.dim() >= 2:
+            cp.check_local_seq_len(local.shape[1])  # before any collective
         aggregator = create_hidden_states_aggregator(
-            self.hidden_states_snapshot_mode, hidden_states_agg_mask
+            self.hidden_states_snapshot_mode,
+            hidden_states_agg_mask,
+            cp.sum_over_ranks if cp is not None else None,
         )
         if self.stage.is_current_stage_first:
             if input_ids is None:
@@ -154,10 +169,29 @@ class Qwen3DenseModel(nn.Module):
         (their range, unless the batch was validated once per step, and whether any row
         packs several documents). Only packed batches get a mask; otherwise the layers
         run plain causal attention.
+
+        Under context parallelism the positions are the global ones of this rank's tokens
+        (from the head-tail layout when ``None``) and the mask, always built, covers the
+        local queries over the keys of the whole group.
         """
         max_pos = self.params.max_position_ids
         attention_mask = None
-        if position_ids is None:
+        cp = self.context_parallel
+        if cp is not None:
+            if position_ids is None and seq * cp.size > max_pos:
+                raise ValueError(
+                    f"sequence length {seq * cp.size} ({seq} per context-parallel rank) "
+                    f"exceeds max_position_ids={max_pos}"
+                )
+            if position_ids is not None:
+                check_position_ids(
+                    position_ids, batch, seq, max_pos, check_values=value_checks_enabled()
+                )
+            attention_mask = cp.attention_mask(
+                position_ids, batch, seq, like.device, self.attention_backend
+            )
+            position_ids = cp.local_position_ids(position_ids, batch, seq, like.device)
+        elif position_ids is None:
             if seq > max_pos:
                 raise ValueError(f"sequence length {seq} exceeds max_position_ids={max_pos}")
             position_ids = torch.arange(seq, device=like.device).unsqueeze(0).expand(batch, seq)
@@ -171,6 +205,9 @@ class Qwen3DenseModel(nn.Module):
                 packed = any_packed_row(position_ids)
             if packed:
                 attention_mask = build_document_mask(position_ids, self.attention_backend)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            # One additive mask for every layer (SDPA would convert it in each).
+            attention_mask = additive_mask(attention_mask, like.dtype)
         cos, sin = self.rotary_emb(position_ids)
         return (cos.to(like.dtype), sin.to(like.dtype)), attention_mask
 

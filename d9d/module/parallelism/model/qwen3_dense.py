@@ -14,6 +14,12 @@ applied to: with ``tensor_parallel > 1`` the tensor-parallel plan
 (``d9d.module.parallelism.model.qwen3_dense_tensor_parallel``) first, then FSDP2, which
 shards the TP ``DTensor`` parameters over the data-parallel dims (2-D ``(dp, tp)``
 parameters, HSDP x TP, and inside pipeline stages).
+
+With context parallelism (``context_parallel_shard * context_parallel_replicate > 1``)
+the context-parallel changes (``d9d.module.parallelism.model.qwen3_dense_context_parallel``)
+are applied too; the weights are sharded over ``dp_cp_shard`` (data-parallel shard x
+context-parallel shard ranks) and replicated over ``dp_replicate x cp_replicate``, and
+gradients are summed over every one of those ranks.
 """
 
 from torch import nn
@@ -26,6 +32,9 @@ from d9d.module.model.qwen3_dense import (
     Qwen3DenseModel,
 )
 from d9d.module.parallelism.api import parallelize_hsdp
+from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
+    apply_context_parallel_qwen3_dense,
+)
 from d9d.module.parallelism.model.qwen3_dense_tensor_parallel import (
     apply_tensor_parallel_qwen3_dense,
 )
@@ -45,12 +54,6 @@ class _Plan:
         reshard_after_forward: bool | None,
     ):
         params = dist_context.params
-        if params.is_context_parallel:
-            raise ValueError(
-                "context parallelism (context_parallel_shard="
-                f"{params.context_parallel_shard}, context_parallel_replicate="
-                f"{params.context_parallel_replicate}) is not supported for Qwen3 Dense yet"
-            )
         self.mesh = dist_context.mesh_for(DENSE_DOMAIN)[HSDP_DIMS]
         self.mp_policy = mp_policy or MixedPrecisionPolicy()
         if reshard_after_forward is not None:
@@ -99,7 +102,7 @@ def apply_fsdp_qwen3_dense(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool | None = None,
 ) -> None:
-    """FSDP2 (HSDP) units of a Qwen3 Dense model or stage, without tensor parallelism.
+    """FSDP2 (HSDP) units of a Qwen3 Dense model or stage, without tensor/context parallelism.
 
     The embedding (first stage), each layer, the final norm with the head (last stage;
     never resharded after forward: the backward needs it right away) and the root. Call
@@ -117,9 +120,6 @@ def apply_fsdp_qwen3_dense(
         reshard_after_forward: ``fully_shard``'s flag for the embedding and the layers;
             ``None`` keeps FSDP2's default without pipelining and does not reshard under
             pipelining (each microbatch would all-gather again).
-
-    Raises:
-        ValueError: If context parallelism is enabled in the context.
     """
     plan = _Plan(dist_context, mp_policy, reshard_after_forward)
     backbone = model if isinstance(model, Qwen3DenseModel) else model.model
@@ -130,8 +130,8 @@ def apply_fsdp_qwen3_dense(
 
 
 def _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward) -> None:
-    # Checked before the TP plan changes anything.
-    _Plan(dist_context, mp_policy, reshard_after_forward)
+    # Context parallelism first: it refuses a classification model before TP changes it.
+    apply_context_parallel_qwen3_dense(dist_context, model, stage)
     apply_tensor_parallel_qwen3_dense(dist_context, model, stage)
     apply_fsdp_qwen3_dense(
         dist_context,
@@ -152,15 +152,16 @@ def parallelize_qwen3_dense_model(
 ) -> None:
     """Parallelizes the base Qwen3 Dense model components.
 
-    Applies the tensor-parallel plan when the context asks for it, then HSDP to the
-    embedding (first stage), each layer, and the root (which keeps the final norm of the
-    last stage). Call it after the compile layer and before ``to_empty``/
+    Applies context parallelism and the tensor-parallel plan when the context asks for
+    them, then HSDP to the embedding (first stage), each layer, and the root (which keeps
+    the final norm of the last stage). Call it after the compile layer and before ``to_empty``/
     ``reset_parameters`` or loading a checkpoint.
 
     Current usage constraints:
-    * Context Parallelism is not supported (we will implement it later).
     * Under tensor parallelism, shapes must split evenly (see
       ``validate_tensor_parallel``).
+    * Under context parallelism, every stage input is a rank's head-tail shard of each
+      row (``d9d.module.parallelism.context_parallel.shard_batch_for_context_parallel``).
 
     Args:
         dist_context: The distributed context.
@@ -170,8 +171,7 @@ def parallelize_qwen3_dense_model(
         reshard_after_forward: See :func:`apply_fsdp_qwen3_dense`.
 
     Raises:
-        ValueError: If Context Parallel is enabled in the context, or a dimension does not
-            split evenly over the tensor-parallel degree.
+        ValueError: If a dimension does not split evenly over the tensor-parallel degree.
     """
     _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)
 
@@ -204,6 +204,8 @@ def parallelize_qwen3_dense_for_classification(
     """Parallelizes the Qwen3 Dense classification model.
 
     As ``parallelize_qwen3_dense_model`` (same arguments and errors), and on the last
-    stage the final norm with the classification head as one more FSDP2 unit.
+    stage the final norm with the classification head as one more FSDP2 unit. Context
+    parallelism is refused (``ValueError``): the head pools chosen tokens of each row,
+    which the sequence split scatters over the ranks.
     """
     _parallelize(dist_context, model, stage, mp_policy, reshard_after_forward)
