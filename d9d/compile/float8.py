@@ -27,13 +27,13 @@ import dataclasses
 import fnmatch
 import functools
 import logging
-import time
 
 import torch
 from torch import nn
 
 from d9d.compile.config import Float8Section
 from d9d.core.log_filters import dropping_log_records
+from d9d.metrics.timers import DeviceClock
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +135,15 @@ def _measured_float8_gemm_is_fast(device: torch.device) -> bool:
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     one = torch.ones((), device=device)
 
+    clock = DeviceClock(device)  # synchronises CUDA before each reading
+
     def seconds(fn) -> float:
         fn()  # warm-up (kernel selection, caches)
         best = float("inf")
         for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start = clock.now()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, clock.now() - start)
         return best
 
     float8 = seconds(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
