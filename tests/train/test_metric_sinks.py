@@ -89,7 +89,7 @@ def test_console_lines(run):
     assert [int(re.match(r"eval at step +(\d+)/", line).group(1)) for line in evals] == EVALUATED
     assert all(re.search(r"\| eval_loss \d+\.\d{4} \| perplexity ", line) for line in evals)
     # Everything else is a known status line; nothing reads as a problem.
-    status = ("data: ", "eval: ", "MFU against ", "wandb: offline run in ", "wrote ")
+    status = ("data: ", "eval: ", "precision: ", "MFU against ", "wandb: offline run in ", "wrote ")
     others = [line for line in lines if line not in steps + evals]
     assert all(line.startswith(status) for line in others), others
     assert not re.search(r"warn|error|traceback", result.stderr, re.IGNORECASE), result.stderr
