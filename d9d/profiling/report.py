@@ -162,7 +162,7 @@ _COLUMNS: tuple[tuple[str, int], ...] = (
     ("config", 26),
     ("tokens/s", 10),
     ("TFLOP/s", 8),
-    ("MFU", 16),
+    ("MFU", 20),  # "100.0% (vs bfloat16)"
     ("peak mem", 11),
     ("layer act mem", 13),
     ("first step s", 12),
