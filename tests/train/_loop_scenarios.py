@@ -19,10 +19,22 @@ LAYOUTS = {
     "pp=2 x dp_shard=2": {"parallel.pipeline_parallel": 2, "parallel.data_parallel_shard": 2},
     "tp=2": {"parallel.tensor_parallel": 2},
     # dp x tp: FSDP2 shards the TP-split weights with strided shards (the norm must still
-    # sum them over the data-parallel ranks); 4 ranks each, the most this suite spawns.
+    # sum them over the data-parallel ranks).
     "dp_shard=2 x tp=2": {"parallel.data_parallel_shard": 2, "parallel.tensor_parallel": 2},
     "dp_replicate=2 x tp=2": {
         "parallel.data_parallel_replicate": 2,
+        "parallel.tensor_parallel": 2,
+    },
+    # All three at once (8 ranks, the most this suite spawns): the norm sums strided shards
+    # over dp, TP shards over tp and the stages' parts over pp.
+    "pp=2 x dp_shard=2 x tp=2": {
+        "parallel.pipeline_parallel": 2,
+        "parallel.data_parallel_shard": 2,
+        "parallel.tensor_parallel": 2,
+    },
+    "HSDP 2x2 x tp=2": {
+        "parallel.data_parallel_replicate": 2,
+        "parallel.data_parallel_shard": 2,
         "parallel.tensor_parallel": 2,
     },
     # Each CP rank trains on a head-tail share of every packed row's tokens.
@@ -72,7 +84,12 @@ def write_hf_init(folder: str | Path, corpus: Path) -> Path:
     config = load_train_config(None, overrides(corpus, Path(folder) / "unused"))
     params = config.model.parameters(config.data.seq_len, ByteTokenizer().vocab_size, True)
     torch.manual_seed(0)
-    model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+    model = Qwen3DenseForCausalLM(
+        params,
+        PipelineStageInfo(0, 1),
+        hidden_states_snapshot_mode="no",
+        enable_checkpointing=False,
+    )
     model.reset_parameters()
     save_hf_checkpoint(model, Path(folder) / "hf_init")
     return Path(folder) / "hf_init"
