@@ -141,8 +141,8 @@ def build_causal_lm(num_layers: int, enable_checkpointing: bool = False, device=
         return Qwen3DenseForCausalLM(
             small_causal_lm_params(num_hidden_layers=num_layers, **TINY),
             PipelineStageInfo(0, 1),
-            "no",
-            enable_checkpointing,
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=enable_checkpointing,
         )
 
 

@@ -36,7 +36,12 @@ from d9d.pipelining.api import PipelineStageInfo
 
 def _full_model_keys(params: Qwen3DenseForCausalLMParameters) -> list[str]:
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     return list(model.state_dict())
 
 

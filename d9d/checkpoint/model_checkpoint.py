@@ -8,12 +8,35 @@ global shape, and reshards on load, so a checkpoint saved under one layout (say
 calls these functions together.
 """
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+
+@contextlib.contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """Silences DCP's warning that it reads or writes in one process, where that is meant.
+
+    DCP warns on every save and load made without a process group (or with
+    ``no_dist=True``), although one process is a supported use. Only that message is
+    filtered, and only inside the block; a process group, when there is one, is used as
+    usual.
+    """
+    with warnings.catch_warnings():
+        if no_process_group():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def no_process_group() -> bool:
+    """Whether this process has no default process group (DCP then runs on it alone)."""
+    return not (dist.is_available() and dist.is_initialized())
 
 
 def _local_state_dict(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
@@ -36,7 +59,8 @@ def save_model_checkpoint(modules: nn.Module | Sequence[nn.Module], checkpoint_i
         checkpoint_id: A directory shared by all ranks.
     """
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
-    dcp.save(_local_state_dict(modules), checkpoint_id=checkpoint_id)
+    with quiet_single_process():
+        dcp.save(_local_state_dict(modules), checkpoint_id=checkpoint_id)
 
 
 def load_model_checkpoint(modules: nn.Module | Sequence[nn.Module], checkpoint_id: str) -> None:
@@ -52,7 +76,8 @@ def load_model_checkpoint(modules: nn.Module | Sequence[nn.Module], checkpoint_i
     """
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     state = _local_state_dict(modules)
-    dcp.load(state, checkpoint_id=checkpoint_id)
+    with quiet_single_process():
+        dcp.load(state, checkpoint_id=checkpoint_id)
     for module in modules:
         own = get_model_state_dict(module).keys()
         set_model_state_dict(module, {key: state[key] for key in own})

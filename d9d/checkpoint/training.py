@@ -77,6 +77,7 @@ from d9d.checkpoint.manifest import (
     write_file_synced,
     write_manifest,
 )
+from d9d.checkpoint.model_checkpoint import quiet_single_process
 
 # The DCP keys of a training checkpoint: the model's state dict, the optimizers' (flat).
 _MODEL_KEY = "model"
@@ -479,7 +480,8 @@ class CheckpointManager:
             if self.async_save:
                 upload = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
             else:
-                dcp.save(tensors, checkpoint_id=str(tmp))
+                with quiet_single_process():
+                    dcp.save(tensors, checkpoint_id=str(tmp))
         except (Exception, CheckpointException) as err:
             self._fail(save, err, group=None)
         del tensors
@@ -690,7 +692,8 @@ class CheckpointManager:
         pairs = _pairs(modules, optimizers)
         tensors, owners = _tensor_state(pairs)
         try:
-            dcp.load(tensors, checkpoint_id=str(path))
+            with quiet_single_process():
+                dcp.load(tensors, checkpoint_id=str(path))
         # DCP wraps reader errors in CheckpointException, a BaseException.
         except (Exception, CheckpointException) as err:
             raise CheckpointError(
@@ -778,7 +781,8 @@ def load_model_weights(path: str | os.PathLike, module: nn.Module) -> None:
     """
     state = {_MODEL_KEY: module.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as err:
         raise CheckpointError(f"checkpoint {path} could not be read ({_last_line(err)})") from err
     module.load_state_dict(state[_MODEL_KEY])

@@ -356,7 +356,12 @@ def check_context_parallel(
         models = []
         for _ in range(2):
             torch.manual_seed(0)
-            model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+            model = Qwen3DenseForCausalLM(
+                params,
+                PipelineStageInfo(0, 1),
+                hidden_states_snapshot_mode="no",
+                enable_checkpointing=False,
+            )
             model.to(target).reset_parameters()
             apply_compile_config(model, load_compile_config(preset))
             model.set_attention_backend(backend)

@@ -96,7 +96,12 @@ def prepare_folders(config: TrainConfig) -> None:
 def model_parameter_numels(params: Qwen3DenseForCausalLMParameters) -> list[int]:
     """The element count of every parameter of the whole model (built on ``meta``)."""
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     return [p.numel() for p in model.parameters()]
 
 

@@ -184,7 +184,10 @@ def test_classification_model_on_a_later_pipeline_stage():
 def test_backbone_alone():
     torch.manual_seed(3)
     model = Qwen3DenseModel(
-        small_model_params(num_hidden_layers=2, **TINY), PipelineStageInfo(0, 1), "no", False
+        small_model_params(num_hidden_layers=2, **TINY),
+        PipelineStageInfo(0, 1),
+        hidden_states_snapshot_mode="no",
+        enable_checkpointing=False,
     )
     report = apply_compile_config(model, ALL_STEPS)
     input_ids, _ = make_batch(2, 8)

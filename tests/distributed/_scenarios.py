@@ -265,7 +265,10 @@ def expected_errors() -> dict:
         ):
             with torch.device("meta"):
                 model = _model_cls(kind or "causal_lm")(
-                    _model_params(kind or "causal_lm"), info, "no", False
+                    _model_params(kind or "causal_lm"),
+                    info,
+                    hidden_states_snapshot_mode="no",
+                    enable_checkpointing=False,
                 )
             target = model.model if kind is None else model
             record(
@@ -276,7 +279,12 @@ def expected_errors() -> dict:
     two_per_rank = [PipelineStageInfo(s, 2 * world) for s in ctx.local_pipeline_stages(2)]
     with torch.device("meta"):
         stages = [
-            _model_cls("causal_lm")(_model_params("causal_lm"), i, "no", False)
+            _model_cls("causal_lm")(
+                _model_params("causal_lm"),
+                i,
+                hidden_states_snapshot_mode="no",
+                enable_checkpointing=False,
+            )
             for i in two_per_rank
         ]
     batch = {"input_ids": torch.zeros(4, SEQ, dtype=torch.long)}

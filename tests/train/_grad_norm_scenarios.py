@@ -49,7 +49,10 @@ def _batch():
 def _reference(norm_type):
     torch.manual_seed(0)
     model = Qwen3DenseForCausalLM(
-        small_causal_lm_params(**PARAMS), PipelineStageInfo(0, 1), "no", False
+        small_causal_lm_params(**PARAMS),
+        PipelineStageInfo(0, 1),
+        hidden_states_snapshot_mode="no",
+        enable_checkpointing=False,
     )
     model.reset_parameters()
     batch = _batch()
@@ -69,7 +72,12 @@ def _layout(mesh: dict, norm_type: float) -> dict:
     (stage_index,) = ctx.local_pipeline_stages(1)
     info = PipelineStageInfo(stage_index, ctx.pp_size)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(small_causal_lm_params(**PARAMS), info, "no", False)
+        model = Qwen3DenseForCausalLM(
+            small_causal_lm_params(**PARAMS),
+            info,
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     parallelize_qwen3_dense_for_causal_lm(ctx, model, info)
     model.to_empty(device=ctx.device)
     model.reset_parameters()

@@ -26,7 +26,12 @@ SPLITS = {"split_vocab_size": {"a": 45, "b": 51}, "split_vocab_order": ["b", "a"
 def _build(folder, wrap: bool):
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     if wrap:
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in model.model.layers.values():

@@ -67,7 +67,12 @@ def classifier(tmp_path_factory):
 def _build(cls, params, stage=None):
     # The normal late-init path: nothing is initialised before the checkpoint is read.
     with torch.device("meta"):
-        model = cls(params, stage or PipelineStageInfo(0, 1), "no", False)
+        model = cls(
+            params,
+            stage or PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     return model.to_empty(device="cpu").eval()
 
 
@@ -265,7 +270,12 @@ def test_loads_after_apply_compile_config(untied):
     folder, hf_model = untied
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     apply_compile_config(model, load_compile_config("compile_sac"))
     model.to_empty(device="cpu")
     load_hf_checkpoint(model, folder)
@@ -333,7 +343,12 @@ def test_meta_model_and_empty_folder_are_refused(untied, tmp_path):
     folder, _ = untied
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(params, PipelineStageInfo(0, 1), "no", False)
+        model = Qwen3DenseForCausalLM(
+            params,
+            PipelineStageInfo(0, 1),
+            hidden_states_snapshot_mode="no",
+            enable_checkpointing=False,
+        )
     with pytest.raises(ValueError, match="to_empty"):
         load_hf_checkpoint(model, folder)
     shutil.copy(folder / "config.json", tmp_path / "config.json")
