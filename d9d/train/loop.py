@@ -135,15 +135,23 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _report(message: str) -> None:
+    # The step and evaluation lines are the run's results: stdout, so that they can be
+    # piped or kept apart from the status lines and errors on stderr.
+    print(message, flush=True)
+
+
 class Trainer:
     """One rank's share of a training run, ready to step."""
 
-    def __init__(self, config: TrainConfig, *, log=_log):
+    def __init__(self, config: TrainConfig, *, log=_log, report=None):
         """Validates the config against the data and model, builds everything, resumes.
 
         Args:
             config: The run.
-            log: Receives status lines (rank 0 only).
+            log: Receives status lines (rank 0 only); stderr by default.
+            report: Receives the step and evaluation lines (rank 0 only); stdout by
+                default, or ``log`` when only ``log`` is given.
 
         Raises:
             ValueError: For bad input found before the first step (missing files, a
@@ -156,6 +164,9 @@ class Trainer:
         self.ctx = build_dist_context(config)
         self.is_main = self.ctx.rank == 0
         self._log = log if self.is_main else (lambda _m: None)
+        if report is None:
+            report = _report if log is _log else log
+        self._report = report if self.is_main else (lambda _m: None)
         if config.checkpoint.export_hf:
             try:
                 import safetensors  # noqa: F401
@@ -463,7 +474,7 @@ class Trainer:
         log_started = time.perf_counter()
         if self.is_main:
             eta = format_duration(eta_seconds) if eta_seconds is not None else ""
-            self._log(metrics.line(self.config.steps, self._memory_label, eta))
+            self._report(metrics.line(self.config.steps, self._memory_label, eta))
             for sink in self._sinks:
                 sink.write(asdict(metrics))
         metrics.overhead_seconds += time.perf_counter() - log_started
@@ -472,7 +483,7 @@ class Trainer:
         # Every rank evaluates its share; rank 0 reports.
         result = self.validator.run(self.step)
         if self.is_main:
-            self._log(result.line(self.config.steps))
+            self._report(result.line(self.config.steps))
             for sink in self._sinks:
                 sink.write(asdict(result))
         return result
