@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from d9d.compile import load_compile_config
 from d9d.core.dist_context import DeviceMeshParameters
+from d9d.core.host_memory import reuse_freed_host_memory
 from d9d.metrics.cpu_peak import faster_cpu_dtype, faster_dtype_note
 from d9d.metrics.peak import dtype_name, resolve_peak_flops
 from d9d.module.model.qwen3_dense.presets import MODEL_PRESETS, SHAPE_FLAGS, preset_parameters
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold-compile",
         action="store_true",
         help="compile every config into a fresh inductor cache (full compile cost)",
+    )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="on the CPU, keep glibc's malloc defaults (every large tensor mmapped and "
+        "unmapped again: page faults each step) instead of reusing freed host memory "
+        "(d9d.core.host_memory)",
     )
     parser.add_argument(
         "--packed",
@@ -328,6 +336,9 @@ def run(args, output: _Output | None = None) -> list[Record]:
     )
     validate_spec(spec)
     configs = [load_compile_config(name) for name in args.config]
+    host_memory = None
+    if device.type == "cpu" and not args.system_malloc:
+        host_memory = reuse_freed_host_memory()
     _resolve_auto_dtype(args)
     spec = dataclasses.replace(spec, dtype=_DTYPES[args.dtype])
     records: Iterator[Record]
@@ -368,6 +379,13 @@ def run(args, output: _Output | None = None) -> list[Record]:
         # The world of one that mixed precision runs FSDP2 on.
         torch.distributed.destroy_process_group()
     notes = []
+    if device.type == "cpu":
+        notes.append(
+            f"host memory: {host_memory}"
+            if host_memory
+            else "host memory: the C library's malloc defaults (large tensors mapped afresh "
+            "each step)"
+        )
     if output.records and args.peak_tflops is None:
         note = faster_dtype_note(device, spec.dtype)
         if note is not None:

@@ -27,6 +27,7 @@ import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 from d9d.compile import load_compile_config
+from d9d.core.host_memory import reuse_freed_host_memory
 from d9d.core.log_filters import quiet_profiler_markers
 from d9d.metrics.cpu_peak import measure_cpu_matmul_peak
 from d9d.module.model.qwen3_dense.presets import preset_parameters
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (fastest kept)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults instead of reusing freed host memory (as mfu.py)",
+    )
     return parser
 
 
@@ -116,6 +122,8 @@ def measure(args) -> tuple[float, dict[str, float], dict[str, float]]:
         dtype=dtype,
         device=torch.device("cpu"),
     )
+    # As the harness: freed host memory reused (no page faults per step) unless asked.
+    args.host_memory = None if args.system_malloc else reuse_freed_host_memory()
     # A profiler range per generated kernel, so that fused kernels are attributed.
     inductor_config.cpp.enable_kernel_profile = True
     trainer = HarnessTrainer(spec, load_compile_config(args.config))
@@ -185,6 +193,7 @@ def breakdown(args) -> str:
         f"all GEMMs: {gemm_flops / gemm_us / 1e6:.3f} TFLOP/s over {gemm_us / total_us:.0%} "
         f"of the step; measured {args.dtype} GEMM peak {peak / 1e12:.3f} TFLOP/s "
         "(best square matmul 512-2048)",
+        f"host memory: {args.host_memory or 'the C library malloc defaults'}",
     ]
     return "\n".join(lines)
 

@@ -384,6 +384,9 @@ class TrainConfig(_Section):
             parameters, optimizer state and gradients (cheaper, less accurate).
         log_interval: Print and record every this many steps.
         num_threads: CPU threads per process (``None``: torch's default).
+        reuse_host_memory: On the CPU, keep freed host memory in the process for reuse
+            (glibc ``mallopt``: no ``mmap`` per large tensor), so that each step's large
+            tensors cost no page faults; ``false`` keeps the C library's defaults.
         peak_tflops: Peak TFLOP/s per device for MFU (``None``: the datasheet value of a
             known accelerator, or a measured GEMM peak on the CPU).
         model: See :class:`ModelSection`.
@@ -405,6 +408,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp32", "pure_bf16"] = "auto"
     log_interval: int = Field(default=1, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
+    reuse_host_memory: bool = True
     peak_tflops: float | None = Field(default=None, gt=0)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)

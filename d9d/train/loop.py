@@ -31,6 +31,7 @@ from d9d.compile import load_compile_config
 from d9d.compile.optimizer import CompiledAdamW
 from d9d.core.checks import inputs_prevalidated
 from d9d.core.dist_context import DistributedContext
+from d9d.core.host_memory import reuse_freed_host_memory
 from d9d.dataset.corpus import DocumentCorpus
 from d9d.dataset.heldout import HeldOutBatches
 from d9d.dataset.packed_batches import PackedBatches
@@ -163,6 +164,10 @@ class Trainer:
             torch.set_num_threads(config.num_threads)
         self.ctx = build_dist_context(config)
         self.is_main = self.ctx.rank == 0
+        if self.ctx.device.type == "cpu" and config.reuse_host_memory:
+            # Before anything large is allocated: each step's big tensors then reuse
+            # pages already mapped (no page faults every step).
+            reuse_freed_host_memory()
         self._log = log if self.is_main else (lambda _m: None)
         if report is None:
             report = _report if log is _log else log
