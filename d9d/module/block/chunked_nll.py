@@ -34,7 +34,7 @@ def _lse_and_nll(
     return lse, (lse - picked).masked_fill(ignored, 0.0)
 
 
-def _grad_logits_onehot(
+def _grad_logits_label_scatter(
     logits: torch.Tensor,
     lse: torch.Tensor,
     labels: torch.Tensor,
@@ -42,12 +42,20 @@ def _grad_logits_onehot(
     ignore_index: int,
 ) -> torch.Tensor:
     # d nll / d logits = softmax(logits) - onehot(label), scaled by the incoming grad.
-    # Written as one pointwise expression so that the compiler fuses it into one pass.
-    probs = (logits.float() - lse.unsqueeze(-1)).exp()
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    onehot = (vocab == labels.unsqueeze(-1)).to(probs.dtype)
+    # One pointwise pass writes softmax * scale; the label column is then overwritten
+    # with (softmax - 1) * scale, computed in fp32 from the gathered logit, so it rounds
+    # to the logits' dtype once, as a one-hot expression would. Comparing every column
+    # with the label inside the pass (an int64 compare per element) made the compiled
+    # CPU kernel twice as slow (12.5 vs 6.1 ms for 768 x 32,000 bf16 logits).
     scale = grad_nll.float().masked_fill(labels == ignore_index, 0.0).unsqueeze(-1)
-    return ((probs - onehot) * scale).to(logits.dtype)
+    lse = lse.unsqueeze(-1)
+    grad = ((logits.float() - lse).exp() * scale).to(logits.dtype)
+    # A negative label (ignore_index, or a label another tensor-parallel rank's
+    # vocabulary holds) subtracts no one-hot; its row's column 0 is rewritten unchanged.
+    index = labels.clamp(min=0).unsqueeze(-1)
+    picked = (logits.gather(-1, index).float() - lse).exp()
+    picked = torch.where(labels.unsqueeze(-1) >= 0, picked - 1.0, picked) * scale
+    return grad.scatter(-1, index, picked.to(logits.dtype))
 
 
 def _grad_logits_inplace(
@@ -109,7 +117,7 @@ def _vocab_parallel_lse_and_nll(
 def compiled_nll_kernels(backend: str = "inductor") -> NLLKernels:
     """The kernels compiled once per process (dynamic shapes: any chunk length/vocab)."""
     compile_fn = functools.partial(torch.compile, backend=backend, dynamic=True, fullgraph=True)
-    return NLLKernels(compile_fn(_lse_and_nll), compile_fn(_grad_logits_onehot))
+    return NLLKernels(compile_fn(_lse_and_nll), compile_fn(_grad_logits_label_scatter))
 
 
 def _logits(h: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -79,3 +79,34 @@ def test_chunked_path_keeps_logits_memory_bounded():
     assert one_shot >= full_logits
     # hidden + labels + weight + per-token logsumexp; no logits.
     assert chunked < full_logits / 4, (chunked, full_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_gradient_kernel_equals_the_eager_one(dtype):
+    # softmax - onehot, scaled: the compiled kernel overwrites the label column instead of
+    # comparing every column with the label; ignored rows (-100) and rows whose label
+    # another tensor-parallel rank holds (-1, no one-hot) included.
+    torch.manual_seed(0)
+    tokens, vocab = 37, 300
+    logits = (torch.randn(tokens, vocab) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[[1, 5]] = -100
+    labels[[2, 9]] = -1
+    labels[3] = 0
+    labels[4] = vocab - 1
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    grad_nll = torch.rand(tokens)
+    args = (logits, lse, labels, grad_nll, -100)
+    eager = EAGER_NLL_KERNELS.grad_logits(*args)
+    compiled = compiled_nll_kernels("inductor").grad_logits(*args)
+    assert compiled.dtype == dtype
+    # Both are exp(logit - lse) (- 1 at the label) times the scale, rounded once; the
+    # two exp implementations may differ in the last fp32 bit.
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-6}
+    torch.testing.assert_close(compiled, eager, **tol)
+    assert torch.all(compiled[[1, 5]] == 0)
+    # The one-hot moved the label column below zero, and only there.
+    for row in (0, 3, 4):
+        assert compiled[row, labels[row]] < 0
+        assert (compiled[row] < 0).sum() == 1
+    assert torch.all(compiled[[2, 9]] > 0)
