@@ -28,21 +28,15 @@ from d9d.checkpoint.safetensors_io import (
     write_safetensors_streaming,
 )
 from d9d.checkpoint.training import CheckpointError, model_tensor_specs, read_model_tensor
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
 from d9d.module.model.qwen3_dense.hf import hf_tensor_parts
 from d9d.module.model.qwen3_dense.hf_config import hf_config_from_params
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.module.model.qwen3_dense.model import whole_model
 
 
 def _full_model_keys(params: Qwen3DenseForCausalLMParameters) -> list[str]:
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(
-            params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
-    return list(model.state_dict())
+        return list(whole_model(params).state_dict())
 
 
 def _write(

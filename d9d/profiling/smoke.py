@@ -306,11 +306,11 @@ def check_context_parallel(
 
     from d9d.compile import apply_compile_config, load_compile_config
     from d9d.module.model.qwen3_dense import (
-        Qwen3DenseForCausalLM,
         Qwen3DenseForCausalLMParameters,
         Qwen3DenseLayerParameters,
         Qwen3DenseParameters,
     )
+    from d9d.module.model.qwen3_dense.model import whole_model
     from d9d.module.parallelism.context_parallel import (
         ContextParallelGroup,
         head_tail_indices,
@@ -319,7 +319,6 @@ def check_context_parallel(
     from d9d.module.parallelism.model.qwen3_dense_context_parallel import (
         enable_context_parallel,
     )
-    from d9d.pipelining.api import PipelineStageInfo
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -356,12 +355,7 @@ def check_context_parallel(
         models = []
         for _ in range(2):
             torch.manual_seed(0)
-            model = Qwen3DenseForCausalLM(
-                params,
-                PipelineStageInfo(0, 1),
-                hidden_states_snapshot_mode="no",
-                enable_checkpointing=False,
-            )
+            model = whole_model(params)
             model.to(target).reset_parameters()
             apply_compile_config(model, load_compile_config(preset))
             model.set_attention_backend(backend)

@@ -29,8 +29,8 @@ from d9d.checkpoint.disk_space import (
     free_bytes,
     size_text,
 )
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM, Qwen3DenseForCausalLMParameters
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLMParameters
+from d9d.module.model.qwen3_dense.model import whole_model
 from d9d.train.config import TrainConfig
 
 
@@ -96,13 +96,7 @@ def prepare_folders(config: TrainConfig) -> None:
 def model_parameter_numels(params: Qwen3DenseForCausalLMParameters) -> list[int]:
     """The element count of every parameter of the whole model (built on ``meta``)."""
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(
-            params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
-    return [p.numel() for p in model.parameters()]
+        return [p.numel() for p in whole_model(params).parameters()]
 
 
 def saves_left(config: TrainConfig, step: int) -> int:

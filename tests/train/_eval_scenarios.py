@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tests.helpers import guarded
-from tests.train._loop_scenarios import LAYOUTS, overrides
+from tests.train._loop_scenarios import LAYOUTS, overrides, refusal_recorder
 
 # 2 of the 79 topics documents (76 pieces of at most 128 tokens, the tiny model's
 # positions): 298 rows of 33 tokens, 38 global batches of 8 rows, the last one completed
@@ -162,19 +162,9 @@ def compiled_eval(workdir: str, corpus: str, init: str) -> dict:
 def bad_eval_inputs(workdir: str, corpus: str) -> dict:
     """Builds trainers from bad ``[eval]`` / ``[metrics]`` settings; returns each error."""
     from d9d.dataset.token_files import write_token_file
-    from d9d.train.config import load_train_config
-    from d9d.train.loop import Trainer
 
     base = overrides(Path(corpus), Path(workdir) / "bad_eval", **{"checkpoint.resume": False})
-    results = {}
-
-    def attempt(name: str, **extra) -> None:
-        try:
-            Trainer(load_train_config(None, {**base, **extra}), log=lambda _m: None)
-        except ValueError as err:
-            results[name] = str(err)
-        else:
-            results[name] = None
+    attempt, results = refusal_recorder(base)
 
     attempt("small_heldout", **{"eval.fraction": 0.001})
     attempt("missing_paths", **{"eval.paths": [f"{workdir}/nope.bin"]})

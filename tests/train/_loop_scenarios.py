@@ -77,19 +77,13 @@ def write_hf_init(folder: str | Path, corpus: Path) -> Path:
     """
     import torch
 
-    from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
     from d9d.module.model.qwen3_dense.hf_io import save_hf_checkpoint
-    from d9d.pipelining.api import PipelineStageInfo
+    from d9d.module.model.qwen3_dense.model import whole_model
 
     config = load_train_config(None, overrides(corpus, Path(folder) / "unused"))
     params = config.model.parameters(config.data.seq_len, ByteTokenizer().vocab_size, True)
     torch.manual_seed(0)
-    model = Qwen3DenseForCausalLM(
-        params,
-        PipelineStageInfo(0, 1),
-        hidden_states_snapshot_mode="no",
-        enable_checkpointing=False,
-    )
+    model = whole_model(params)
     model.reset_parameters()
     save_hf_checkpoint(model, Path(folder) / "hf_init")
     return Path(folder) / "hf_init"
@@ -124,6 +118,28 @@ def overrides(corpus: Path, output_dir: Path, **extra) -> dict:
         **extra,
     }
     return items
+
+
+def refusal_recorder(base: dict):
+    """``attempt(name, **settings)`` builds a trainer from ``base`` plus ``settings``.
+
+    Returns:
+        ``attempt`` and the dict it fills: the ``ValueError`` message per name, or
+        ``None`` where the trainer was built.
+    """
+    from d9d.train.loop import Trainer
+
+    results: dict[str, str | None] = {}
+
+    def attempt(name: str, **extra) -> None:
+        try:
+            Trainer(load_train_config(None, {**base, **extra}), log=lambda _m: None)
+        except ValueError as err:
+            results[name] = str(err)
+        else:
+            results[name] = None
+
+    return attempt, results
 
 
 def set_items(settings: dict) -> list[str]:
@@ -167,15 +183,7 @@ def bad_inputs(workdir: str, corpus: str) -> dict:
     from d9d.train.loop import Trainer
 
     base = overrides(Path(corpus), Path(workdir) / "bad")
-    results = {}
-
-    def attempt(name: str, **extra) -> None:
-        try:
-            Trainer(load_train_config(None, {**base, **extra}), log=lambda _m: None)
-        except ValueError as err:
-            results[name] = str(err)
-        else:
-            results[name] = None
+    attempt, results = refusal_recorder(base)
 
     attempt("small_corpus", **{"data.global_batch_size": 100000})
     attempt("vocab", **{"model.vocab_size": 100})

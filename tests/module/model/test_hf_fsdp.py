@@ -5,10 +5,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
-from d9d.module.model.qwen3_dense import Qwen3DenseForCausalLM
 from d9d.module.model.qwen3_dense.hf_config import causal_lm_params_from_hf_config
 from d9d.module.model.qwen3_dense.hf_io import load_hf_checkpoint, save_hf_checkpoint
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.module.model.qwen3_dense.model import whole_model
 from tests.helpers import (
     assert_close_scaled,
     hf_folder_config,
@@ -26,12 +25,7 @@ SPLITS = {"split_vocab_size": {"a": 45, "b": 51}, "split_vocab_order": ["b", "a"
 def _build(folder, wrap: bool):
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(
-            params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
+        model = whole_model(params)
     if wrap:
         mesh = init_device_mesh("cpu", (WORLD,))
         for layer in model.model.layers.values():

@@ -25,6 +25,7 @@ from d9d.module.model.qwen3_dense.hf_config import (
     read_hf_config,
 )
 from d9d.module.model.qwen3_dense.hf_io import load_hf_checkpoint, save_hf_checkpoint
+from d9d.module.model.qwen3_dense.model import whole_model
 from d9d.pipelining.api import PipelineStageInfo
 from tests.helpers import (
     HF_PAD,
@@ -270,12 +271,7 @@ def test_loads_after_apply_compile_config(untied):
     folder, hf_model = untied
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(
-            params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
+        model = whole_model(params)
     apply_compile_config(model, load_compile_config("compile_sac"))
     model.to_empty(device="cpu")
     load_hf_checkpoint(model, folder)
@@ -343,12 +339,7 @@ def test_meta_model_and_empty_folder_are_refused(untied, tmp_path):
     folder, _ = untied
     params = causal_lm_params_from_hf_config(folder, **SPLITS)
     with torch.device("meta"):
-        model = Qwen3DenseForCausalLM(
-            params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
+        model = whole_model(params)
     with pytest.raises(ValueError, match="to_empty"):
         load_hf_checkpoint(model, folder)
     shutil.copy(folder / "config.json", tmp_path / "config.json")

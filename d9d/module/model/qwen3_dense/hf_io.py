@@ -57,8 +57,11 @@ from d9d.module.model.qwen3_dense.hf_config import (
     hf_config_from_params,
     read_hf_config,
 )
-from d9d.module.model.qwen3_dense.model import Qwen3DenseForCausalLM, Qwen3DenseForClassification
-from d9d.pipelining.api import PipelineStageInfo
+from d9d.module.model.qwen3_dense.model import (
+    Qwen3DenseForCausalLM,
+    Qwen3DenseForClassification,
+    whole_model,
+)
 
 __all__ = [
     "SAFETENSORS_INDEX",
@@ -101,17 +104,10 @@ def _describe(model: Qwen3DenseHFModel) -> str:
 
 def _full_model_keys(model: Qwen3DenseHFModel) -> list[str]:
     """State-dict names of the single-stage model with the same parameters."""
-    # Not type(model): FSDP2 swaps the class of a wrapped module for a generated subclass.
-    causal = isinstance(model, Qwen3DenseForCausalLM)
-    cls = Qwen3DenseForCausalLM if causal else Qwen3DenseForClassification
+    # The parameters choose the class (not type(model): FSDP2 swaps the class of a wrapped
+    # module for a generated subclass).
     with torch.device("meta"):
-        full = cls(
-            model.params,
-            PipelineStageInfo(0, 1),
-            hidden_states_snapshot_mode="no",
-            enable_checkpointing=False,
-        )
-    return list(full.state_dict())
+        return list(whole_model(model.params).state_dict())
 
 
 def _check_config_matches(model: Qwen3DenseHFModel, config: dict[str, Any]) -> None:

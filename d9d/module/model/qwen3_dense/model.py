@@ -561,3 +561,27 @@ def backbone_of(model: nn.Module, what: str) -> Qwen3DenseModel:
         f"{what} applies to Qwen3DenseModel, Qwen3DenseForCausalLM or "
         f"Qwen3DenseForClassification, got {type(model).__name__}"
     )
+
+
+def whole_model(
+    params: Qwen3DenseForCausalLMParameters | Qwen3DenseForClassificationParameters,
+) -> "Qwen3DenseForCausalLM | Qwen3DenseForClassification":
+    """The whole model of ``params`` as one pipeline stage: no snapshots, no checkpointing.
+
+    What the HF I/O, exports and size estimates build (on the current default device: under
+    ``torch.device("meta")`` for names and shapes only).
+
+    Args:
+        params: Causal-LM or classification parameters; they choose the class.
+    """
+    cls = (
+        Qwen3DenseForClassification
+        if isinstance(params, Qwen3DenseForClassificationParameters)
+        else Qwen3DenseForCausalLM
+    )
+    return cls(
+        params,
+        PipelineStageInfo(0, 1),
+        hidden_states_snapshot_mode="no",
+        enable_checkpointing=False,
+    )
