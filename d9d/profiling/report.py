@@ -241,8 +241,8 @@ def table_footer(records: list[Record], notes: list[str] | tuple[str, ...] = ())
         lines.append(
             "first step: includes compile into an empty inductor cache (--cold-compile)"
             if first.compile_cache == "cold"
-            else "first step: includes compile, reusing kernels an earlier run cached on disk "
-            "(--cold-compile for the full cost)"
+            else "first step: includes compile; kernels already in the inductor cache on disk "
+            "are reused (--cold-compile: an empty cache per config, the full cost)"
         )
         for source in dict.fromkeys(rec.peak_flops_source for rec in measured):
             lines.append(f"peak: {source}")
